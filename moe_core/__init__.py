@@ -1,0 +1,1 @@
+"""Shared pieces of moe-cluster: model specs and checkpoints, FP8 quantization, token formats."""
