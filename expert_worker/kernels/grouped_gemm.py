@@ -1,0 +1,169 @@
+"""FP8 block-scaled grouped GEMM entry points (kernel: grouped_gemm.cu).
+
+Layout shared by every entry here: rows of `a8` are sorted by group; group g owns
+`group_counts[g]` consecutive rows (zero allowed) and multiplies them by `b8[g]`. The sum of
+`group_counts` must equal the number of rows (not checked: it would need a device sync).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from moe_core.fp8 import BLOCK, FP8_DTYPE
+
+from .nvrtc import load_kernel
+
+SOURCE = "grouped_gemm.cu"
+KERNEL = "grouped_gemm_fp8"
+
+# Epilogues of grouped_gemm.cu.
+EPI_BF16 = 0  # C as bf16 [M, N]
+EPI_SWIGLU_QUANT = 1  # silu(gate) * up, re-quantized per row per 128 channels
+EPI_WEIGHTED_ADD = 2  # out[row_token[r]] += row_weight[r] * C[r] in float32
+
+# Tile configurations: CTA tile BM x BN, warps WM x WN, cp.async stages; WGMMA=1 uses the Hopper
+# warpgroup MMA (one warpgroup per 64 rows), otherwise mma.sync m16n8k32 (any sm_89+ GPU).
+CONFIGS: dict[str, dict[str, int]] = {
+    "wg128": dict(WGMMA=1, BM=128, BN=128, WM=8, WN=1, STAGES=6),
+    "wg128n256": dict(WGMMA=1, BM=128, BN=256, WM=8, WN=1, STAGES=4),
+    "wg64": dict(WGMMA=1, BM=64, BN=128, WM=4, WN=1, STAGES=4),
+    "m128": dict(BM=128, BN=128, WM=2, WN=4, STAGES=5),
+    "m64": dict(BM=64, BN=128, WM=2, WN=4, STAGES=5),
+    "m32": dict(BM=32, BN=128, WM=1, WN=4, STAGES=6),
+    "m16": dict(BM=16, BN=128, WM=1, WN=4, STAGES=6),
+    # SwiGLU epilogue: 128 gate + 128 up columns per CTA.
+    "swiglu_wg128": dict(WGMMA=1, BM=128, BN=256, WM=8, WN=1, STAGES=4),
+    "swiglu_wg64": dict(WGMMA=1, BM=64, BN=256, WM=4, WN=1, STAGES=4),
+    "swiglu_m64": dict(BM=64, BN=256, WM=2, WN=4, STAGES=4),
+    "swiglu_m16": dict(BM=16, BN=256, WM=1, WN=8, STAGES=4),
+}
+
+
+def pick_config(num_rows: int, num_groups: int, n: int, swiglu: bool = False) -> str:
+    """Small heuristic on the mean rows per group and N (measured on H100, docs/kernels.md).
+
+    Decode (<= 16 rows per group) streams weights with the mma.sync m16 tile; prefill uses wgmma
+    with the widest N tile that divides N.
+    """
+    mean_rows = num_rows / max(num_groups, 1)
+    if swiglu:
+        return "swiglu_m16" if mean_rows <= 16 else "swiglu_wg128"
+    if mean_rows <= 16:
+        return "m16"
+    if mean_rows <= 64:
+        return "wg64"
+    return "wg128n256" if n % 256 == 0 else "wg128"
+
+
+def smem_bytes(cfg: dict[str, int]) -> int:
+    """Stages of (A tile, B tile, row scales) plus 1024 bytes to align the swizzle atoms."""
+    return cfg["STAGES"] * ((cfg["BM"] + cfg["BN"]) * BLOCK + cfg["BM"] * 4) + 1024
+
+
+def _check_operands(a8, a_scales, b8, b_scales, group_counts) -> tuple[int, int, int, int]:
+    """Assert the operand contract; return (M, N, K, G)."""
+    assert a8.is_cuda, f"a8 must be on a CUDA device, got {a8.device}"
+    dev = a8.device
+    assert a8.dtype == FP8_DTYPE, f"a8 must be float8_e4m3fn, got {a8.dtype}"
+    assert a8.dim() == 2, f"a8 must be [M, K], got shape {tuple(a8.shape)}"
+    m, k = a8.shape
+    assert k % BLOCK == 0 and k > 0, f"K must be a positive multiple of {BLOCK}, got {k}"
+    assert b8.dtype == FP8_DTYPE, f"b8 must be float8_e4m3fn, got {b8.dtype}"
+    assert b8.dim() == 3, f"b8 must be [G, N, K], got shape {tuple(b8.shape)}"
+    g, n, kb = b8.shape
+    assert kb == k, f"b8 K ({kb}) must equal a8 K ({k})"
+    assert n % BLOCK == 0 and n > 0, f"N must be a positive multiple of {BLOCK}, got {n}"
+    assert tuple(a_scales.shape) == (m, k // BLOCK), (
+        f"a_scales must be [M, K/128] = {(m, k // BLOCK)}, got {tuple(a_scales.shape)}"
+    )
+    assert tuple(b_scales.shape) == (g, n // BLOCK, k // BLOCK), (
+        f"b_scales must be [G, N/128, K/128] = {(g, n // BLOCK, k // BLOCK)}, "
+        f"got {tuple(b_scales.shape)}"
+    )
+    assert a_scales.dtype == torch.float32, f"a_scales must be float32, got {a_scales.dtype}"
+    assert b_scales.dtype == torch.float32, f"b_scales must be float32, got {b_scales.dtype}"
+    assert tuple(group_counts.shape) == (g,), (
+        f"group_counts must be [G] = [{g}], got {tuple(group_counts.shape)}"
+    )
+    assert group_counts.dtype == torch.int32, (
+        f"group_counts must be int32, got {group_counts.dtype}"
+    )
+    for name, t in (
+        ("a8", a8),
+        ("a_scales", a_scales),
+        ("b8", b8),
+        ("b_scales", b_scales),
+        ("group_counts", group_counts),
+    ):
+        assert t.device == dev, f"{name} is on {t.device}, expected {dev}"
+        assert t.is_contiguous(), f"{name} must be contiguous"
+    assert a8.data_ptr() % 16 == 0 and b8.data_ptr() % 16 == 0, "a8 and b8 must be 16-byte aligned"
+    return m, n, k, g
+
+
+def launch(
+    epilogue: int,
+    cfg_name: str,
+    a8: torch.Tensor,
+    a_scales: torch.Tensor,
+    b8: torch.Tensor,
+    b_scales: torch.Tensor,
+    group_counts: torch.Tensor,
+    out: torch.Tensor,
+    out_scales: torch.Tensor | None = None,
+    row_weights: torch.Tensor | None = None,
+    row_token: torch.Tensor | None = None,
+) -> None:
+    """Launch grouped_gemm.cu with one epilogue; operands already checked by the caller."""
+    m, k = a8.shape
+    g, n, _ = b8.shape
+    if m == 0:
+        return
+    cfg = CONFIGS[cfg_name]
+    if epilogue == EPI_SWIGLU_QUANT:
+        assert cfg["BN"] == 256, f"config {cfg_name} is not a SwiGLU config"
+    kernel = load_kernel(SOURCE, KERNEL, dict(cfg, EPI=epilogue), a8.device)
+    n_tiles = n // (256 if epilogue == EPI_SWIGLU_QUANT else cfg["BN"])
+    assert n % cfg["BN"] == 0, f"N={n} is not a multiple of the tile width {cfg['BN']}"
+    # Upper bound on M tiles of the ragged layout: each group adds at most one partial tile.
+    m_tiles = (m + cfg["BM"] - 1) // cfg["BM"] + g
+    threads = cfg["WM"] * cfg["WN"] * 32
+    kernel(
+        m_tiles * n_tiles,
+        threads,
+        smem_bytes(cfg),
+        [
+            a8, a_scales, b8, b_scales, group_counts, out, out_scales, row_weights, row_token,
+            ctypes.c_int(m), ctypes.c_int(n), ctypes.c_int(k), ctypes.c_int(g),
+        ],
+    )  # fmt: skip
+
+
+def grouped_gemm_fp8(
+    a8: torch.Tensor,
+    a_scales: torch.Tensor,
+    b8: torch.Tensor,
+    b_scales: torch.Tensor,
+    group_counts: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    config: str | None = None,
+) -> torch.Tensor:
+    """Grouped C[r] = A[r] @ B[g(r)]^T on the block-dequantized operands, fp32 accumulation.
+
+    a8 [M, K] float8_e4m3fn, a_scales [M, K/128] float32 (per row per 128 channels),
+    b8 [G, N, K] float8_e4m3fn, b_scales [G, N/128, K/128] float32 (per 128x128 block),
+    group_counts [G] int32 (sum == M, zeros allowed) -> [M, N] bfloat16.
+    `out` (optional, [M, N] bfloat16) receives the result; `config` names an entry of CONFIGS.
+    """
+    m, n, k, g = _check_operands(a8, a_scales, b8, b_scales, group_counts)
+    if out is None:
+        out = torch.empty(m, n, dtype=torch.bfloat16, device=a8.device)
+    assert out.dtype == torch.bfloat16 and tuple(out.shape) == (m, n) and out.is_contiguous(), (
+        f"out must be a contiguous bfloat16 [M, N] = {(m, n)}, got {out.dtype} {tuple(out.shape)}"
+    )
+    cfg = config or pick_config(m, g, n)
+    launch(EPI_BF16, cfg, a8, a_scales, b8, b_scales, group_counts, out)
+    return out
