@@ -1,0 +1,57 @@
+"""Configuration of an expert worker process, validated once when it is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moe_core.precision import Precision
+
+
+@dataclass
+class WorkerConfig:
+    """Everything an expert worker needs; `__post_init__` rejects values that cannot work.
+
+    Expert ids are checked against the model (below its number of experts) when the shard loads.
+    """
+
+    model_dir: Path
+    expert_ids: tuple[int, ...]  # global ids of the routed experts held, the same in every layer
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 = pick a free port
+    port_file: Path | None = None  # written (temp + rename) with the bound port once serving
+    device: str = "cpu"  # torch device of the expert weights, e.g. "cpu", "cuda", "cuda:1"
+    precision: Precision = Precision.FP32  # how the expert weights are held; tokens must match
+    grace_s: float = 5.0  # on SIGTERM/SIGINT, time given to calls in flight before they are cut
+
+    def __post_init__(self) -> None:
+        self.model_dir = Path(self.model_dir)
+        self.expert_ids = tuple(int(e) for e in self.expert_ids)
+        if not self.expert_ids:
+            raise ValueError("a worker must hold at least one expert")
+        if min(self.expert_ids) < 0:
+            raise ValueError(f"expert ids may not be negative, got {min(self.expert_ids)}")
+        if len(set(self.expert_ids)) != len(self.expert_ids):
+            raise ValueError(f"expert ids repeat: {list(self.expert_ids)}")
+        self.expert_ids = tuple(sorted(self.expert_ids))
+        if not self.host:
+            raise ValueError("host may not be empty")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in 0-65535, got {self.port}")
+        if self.port_file is not None:
+            self.port_file = Path(self.port_file)
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as exc:
+            raise ValueError(f"unknown device {self.device!r}") from exc
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        try:
+            self.precision = Precision(self.precision)
+        except ValueError as exc:
+            choices = ", ".join(p.value for p in Precision)
+            raise ValueError(f"precision must be one of {choices}, got {self.precision!r}") from exc
+        if not self.grace_s >= 0:
+            raise ValueError(f"grace_s may not be negative, got {self.grace_s}")

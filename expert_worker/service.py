@@ -1,0 +1,151 @@
+"""What an expert worker answers, as plain functions over an `ExpertShard` (no sockets here).
+
+`forward` checks a request against the shard before any compute: the layer is an MoE layer, the
+tokens are in the shard's format with the model's hidden size and byte lengths that match, the
+expert ids are held by this shard (or -1) and the weights of used slots are finite. A request that
+fails a check raises `RequestError` with the gRPC status the client should see.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import grpc
+import torch
+
+from moe_core import token_format as tf
+from protos import expert_pb2
+
+if TYPE_CHECKING:
+    from expert_worker.experts import ExpertShard
+
+
+class RequestError(Exception):
+    """A request this worker refuses: `code` is the gRPC status, `message` says why."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _invalid(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _check_layer(shard: ExpertShard, layer: int) -> None:
+    spec = shard.spec
+    if layer >= spec.num_layers:
+        raise _invalid(f"layer {layer} does not exist: the model has {spec.num_layers} layers")
+    if layer not in spec.moe_layers:
+        raise _invalid(
+            f"layer {layer} is not an MoE layer; MoE layers: {', '.join(map(str, spec.moe_layers))}"
+        )
+
+
+def _check_tokens(shard: ExpertShard, tokens: expert_pb2.TokenBatch) -> None:
+    expected = tf.token_format(shard.precision)
+    if tokens.format != expected:
+        raise _invalid(
+            f"tokens are {tf.format_name(tokens.format)}, this worker holds {shard.precision} "
+            f"experts and takes {tf.format_name(expected)}"
+        )
+    if tokens.hidden != shard.spec.hidden_size:
+        raise _invalid(
+            f"tokens have hidden size {tokens.hidden}, the model's is {shard.spec.hidden_size}"
+        )
+
+
+def _held_mask(shard: ExpertShard, ids: torch.Tensor) -> torch.Tensor:
+    """[T, S] bool: slots that name an expert; raises when an id is neither -1 nor held here."""
+    used = ids != -1
+    held = torch.zeros(shard.spec.num_experts + 1, dtype=torch.bool)  # last entry: out of range
+    held[list(shard.expert_ids)] = True
+    in_range = (ids >= 0) & (ids < shard.spec.num_experts)
+    lookup = torch.where(in_range, ids, shard.spec.num_experts)
+    bad = used & ~held[lookup]
+    if bool(bad.any()):
+        token, slot = (int(i) for i in bad.nonzero()[0])
+        raise _invalid(
+            f"expert_ids[{token}, {slot}] = {int(ids[token, slot])} is not held by this worker "
+            f"(it holds {format_ids(shard.expert_ids)}; -1 marks an empty slot)"
+        )
+    return used
+
+
+def forward(
+    shard: ExpertShard, request: expert_pb2.ExpertForwardRequest
+) -> expert_pb2.ExpertForwardResponse:
+    """Runs the shard's experts on request.tokens; one weighted-sum row per token."""
+    start = time.perf_counter()
+    _check_layer(shard, request.layer)
+    if not request.HasField("tokens"):
+        raise _invalid("the request carries no tokens")
+    _check_tokens(shard, request.tokens)
+    if request.result_format not in (tf.FP32, tf.BF16):
+        raise _invalid(
+            f"result_format {tf.format_name(request.result_format)} is not one of "
+            "TOKEN_FORMAT_FP32, TOKEN_FORMAT_BF16"
+        )
+    if request.slots == 0:
+        raise _invalid("slots must be at least 1")
+    num_tokens, slots = request.tokens.num_tokens, request.slots
+    try:
+        x, scales = tf.decode_tokens(request.tokens, device=shard.device)
+        ids = tf.unpack_expert_ids(request.expert_ids, num_tokens, slots)
+        weights = tf.unpack_expert_weights(request.expert_weights, num_tokens, slots, False)
+    except tf.WireFormatError as err:
+        raise _invalid(str(err)) from err
+    used = _held_mask(shard, ids)
+    bad = used & ~torch.isfinite(weights)
+    if bool(bad.any()):
+        token, slot = (int(i) for i in bad.nonzero()[0])
+        raise _invalid(
+            f"expert_weights[{token}, {slot}] = {float(weights[token, slot])} is not finite"
+        )
+    weights = torch.where(used, weights, 0.0)  # empty slots are ignored whatever they carry
+    device = torch.device(shard.device)
+    try:
+        out = shard.forward(request.layer, x, scales, ids.to(device), weights.to(device))
+    except ValueError as err:
+        raise _invalid(str(err)) from err
+    except torch.OutOfMemoryError as err:
+        raise RequestError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"out of memory running {num_tokens} tokens on {shard.device}: {err}",
+        ) from err
+    result = tf.encode_result(out, request.result_format)
+    return expert_pb2.ExpertForwardResponse(
+        result=result, compute_seconds=time.perf_counter() - start
+    )
+
+
+def worker_info(shard: ExpertShard) -> expert_pb2.WorkerInfo:
+    """Describes the shard: model, held experts, precision, memory and per-expert token counts."""
+    spec = shard.spec
+    return expert_pb2.WorkerInfo(
+        model_type=spec.model_type,
+        expert_ids=sorted(shard.expert_ids),
+        moe_layers=list(spec.moe_layers),
+        hidden_size=spec.hidden_size,
+        num_experts=spec.num_experts,
+        precision=str(shard.precision),
+        device=str(shard.device),
+        resident_weight_bytes=shard.resident_bytes(),
+        expert_tokens=dict(shard.expert_load()),
+    )
+
+
+def format_ids(ids: tuple[int, ...] | list[int]) -> str:
+    """[0, 1, 2, 3, 7] -> '0-3,7': expert ids as ranges, for messages and logs."""
+    ordered = sorted(ids)
+    parts: list[str] = []
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+            j += 1
+        parts.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
+        i = j + 1
+    return ",".join(parts)
