@@ -1,0 +1,1 @@
+"""Integration tests against a real Kubernetes API server (see apiserver.py)."""
