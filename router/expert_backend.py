@@ -1,0 +1,73 @@
+"""The interface between an MoE layer and whoever runs its routed experts.
+
+The layer calls `dispatch` with its tokens and routing, computes its shared experts, then calls
+`combine`: a remote backend (router.dispatch) overlaps the two; `LocalExpertBackend` runs the
+experts in process on one `ExpertShard` that holds all of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from moe_core.fp8 import quantize_tokens
+from moe_core.precision import Precision
+
+if TYPE_CHECKING:
+    from expert_worker.experts import ExpertShard
+
+
+class ExpertBackend(Protocol):
+    def dispatch(
+        self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> Any:
+        """x [T, H] (model dtype), topk_ids [T, k] int64 global expert ids, topk_weights [T, k]
+        float32 -> a handle."""
+
+    def combine(self, handle: Any) -> torch.Tensor:
+        """-> [T, H] float32: sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t])."""
+
+
+@dataclass
+class _LocalHandle:
+    layer: int
+    x: torch.Tensor  # [T, H] in the shard's token format
+    x_scales: torch.Tensor | None  # [T, ceil(H/128)] float32 for fp8
+    topk_ids: torch.Tensor  # [T, k] int64
+    topk_weights: torch.Tensor  # [T, k] float32
+    device: torch.device  # where the caller wants the result
+
+
+class LocalExpertBackend:
+    """In-process experts: tokens take the shard's precision exactly as on the wire."""
+
+    def __init__(self, shard: ExpertShard) -> None:
+        missing = set(range(shard.spec.num_experts)) - set(shard.expert_ids)
+        if missing:
+            raise ValueError(
+                f"a local backend needs every expert; the shard lacks {len(missing)} of "
+                f"{shard.spec.num_experts}"
+            )
+        self.shard = shard
+
+    def dispatch(
+        self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> _LocalHandle:
+        device, caller = self.shard.device, x.device
+        scales = None
+        if self.shard.precision == Precision.FP8:
+            x, scales = quantize_tokens(x.to(device))
+        elif self.shard.precision == Precision.BF16:
+            x = x.to(device, torch.bfloat16)
+        else:
+            x = x.to(device, torch.float32)
+        ids, weights = topk_ids.to(device), topk_weights.to(device, torch.float32)
+        return _LocalHandle(layer, x, scales, ids, weights, caller)
+
+    def combine(self, handle: _LocalHandle) -> torch.Tensor:
+        out = self.shard.forward(
+            handle.layer, handle.x, handle.x_scales, handle.topk_ids, handle.topk_weights
+        )
+        return out.to(handle.device)  # [T, H] float32
