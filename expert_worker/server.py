@@ -10,19 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health
 
 from expert_worker import service
 from expert_worker.config import WorkerConfig
+from moe_core import grpc_server
 from protos import expert_pb2, expert_pb2_grpc
 
 if TYPE_CHECKING:
@@ -31,11 +27,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = expert_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_name
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-]
 
 
 class ExpertService(expert_pb2_grpc.ExpertServiceServicer):
@@ -67,10 +58,6 @@ class ExpertService(expert_pb2_grpc.ExpertServiceServicer):
         await context.abort(code, message)
 
 
-def _listen_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 async def start_server(
     shard: ExpertShard, host: str = "127.0.0.1", port: int = 0
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
@@ -79,62 +66,26 @@ async def start_server(
     Returns (server, bound port, health servicer); health reports SERVING for "" and
     SERVICE_NAME once this returns.
     """
-    # no SO_REUSEPORT: a second worker on a taken port must fail, not share its traffic
-    server = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
-    expert_pb2_grpc.add_ExpertServiceServicer_to_server(ExpertService(shard), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    service_impl = ExpertService(shard)
+    return await grpc_server.start_server(
+        lambda server: expert_pb2_grpc.add_ExpertServiceServicer_to_server(service_impl, server),
+        SERVICE_NAME,
+        host,
+        port,
     )
-    address = _listen_address(host, port)
-    try:
-        bound = server.add_insecure_port(address)
-    except RuntimeError as err:
-        raise OSError(f"cannot listen on {address}: {err}") from err
-    if bound == 0:
-        raise OSError(f"cannot listen on {address}")
-    await server.start()
-    for name in (health.OVERALL_HEALTH, SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return server, bound, health_servicer
-
-
-def write_port_file(path: Path, port: int) -> None:
-    """Writes `port` and a newline to path atomically (a temp file in the same folder, renamed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{port}\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 async def serve(shard: ExpertShard, config: WorkerConfig) -> None:
     """Serves shard until SIGINT or SIGTERM, then drains: NOT_SERVING, then stop(grace)."""
     server, port, health_servicer = await start_server(shard, config.host, config.port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        if config.port_file is not None:
-            write_port_file(config.port_file, port)
-        log.info(
-            "serving on %s (experts %s, %s on %s)",
-            _listen_address(config.host, port),
-            service.format_ids(shard.expert_ids),
-            shard.precision,
-            shard.device,
-        )
-        await stop.wait()
-        log.info("stopping: draining calls in flight for up to %.1f s", config.grace_s)
-        await health_servicer.enter_graceful_shutdown()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        await server.stop(config.grace_s)
+    log.info(
+        "serving on %s (experts %s, %s on %s)",
+        grpc_server.listen_address(config.host, port),
+        grpc_server.format_ids(shard.expert_ids),
+        shard.precision,
+        shard.device,
+    )
+    await grpc_server.serve_until_signal(
+        server, health_servicer, port, config.port_file, config.grace_s
+    )
     log.info("stopped")

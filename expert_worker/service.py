@@ -15,6 +15,7 @@ import grpc
 import torch
 
 from moe_core import token_format as tf
+from moe_core.grpc_server import format_ids
 from protos import expert_pb2
 
 if TYPE_CHECKING:
@@ -135,17 +136,3 @@ def worker_info(shard: ExpertShard) -> expert_pb2.WorkerInfo:
         resident_weight_bytes=shard.resident_bytes(),
         expert_tokens=dict(shard.expert_load()),
     )
-
-
-def format_ids(ids: tuple[int, ...] | list[int]) -> str:
-    """[0, 1, 2, 3, 7] -> '0-3,7': expert ids as ranges, for messages and logs."""
-    ordered = sorted(ids)
-    parts: list[str] = []
-    i = 0
-    while i < len(ordered):
-        j = i
-        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
-            j += 1
-        parts.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
-        i = j + 1
-    return ",".join(parts)

@@ -236,7 +236,7 @@ def _throughput(client, batch: int, prompt_len: int, new_tokens: int) -> tuple[f
 
 def _print_load(info: dict) -> None:
     """Per-worker expert load: tokens the router sent to each expert."""
-    from router.workers import format_ids
+    from moe_core.grpc_server import format_ids
 
     workers = info["workers"]
     total = sum(sum(w["expert_tokens"].values()) for w in workers) or 1

@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
-import tempfile
-from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health
 
 from attention_worker.kv_cache import KVCache
+from moe_core import grpc_server
 from moe_core.spec import ModelSpec
 from protos import router_pb2, router_pb2_grpc
 from router import service
@@ -29,7 +25,7 @@ from router.engine import Engine
 from router.model import load_model
 from router.scheduler import Scheduler
 from router.tokenizer import Tokenizer
-from router.workers import GRPC_OPTIONS, WorkerRegistry
+from router.workers import WorkerRegistry
 
 log = logging.getLogger(__name__)
 
@@ -102,43 +98,17 @@ async def build_router(config: RouterConfig) -> service.Router:
     return service.Router(config, spec, engine, workers, tokenizer)
 
 
-def _listen_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def write_port_file(path: Path, port: int) -> None:
-    """Writes the port and a newline to path atomically (temp file in the same folder + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{port}\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 async def start_server(
     router: service.Router, host: str, port: int
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """RouterService + health + reflection on host:port -> (server, bound port, health)."""
-    server = grpc.aio.server(options=GRPC_OPTIONS)
-    router_pb2_grpc.add_RouterServiceServicer_to_server(RouterService(router), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    servicer = RouterService(router)
+    return await grpc_server.start_server(
+        lambda server: router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, server),
+        SERVICE_NAME,
+        host,
+        port,
     )
-    address = _listen_address(host, port)
-    try:
-        bound = server.add_insecure_port(address)
-    except RuntimeError as err:
-        raise OSError(f"cannot listen on {address}: {err}") from err
-    await server.start()
-    for name in (health.OVERALL_HEALTH, SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return server, bound, health_servicer
 
 
 async def serve(config: RouterConfig, grace_s: float = 5.0) -> None:
@@ -150,28 +120,19 @@ async def serve(config: RouterConfig, grace_s: float = 5.0) -> None:
         await router.engine.stop()
         await router.workers.close()
         raise
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    log.info(
+        "serving on %s (%s, %d workers, %s on %s)",
+        grpc_server.listen_address(config.host, port),
+        config.model_dir.name,
+        len(config.workers),
+        config.precision,
+        config.device,
+    )
     try:
-        if config.port_file is not None:
-            write_port_file(config.port_file, port)
-        log.info(
-            "serving on %s (%s, %d workers, %s on %s)",
-            _listen_address(config.host, port),
-            config.model_dir.name,
-            len(config.workers),
-            config.precision,
-            config.device,
+        await grpc_server.serve_until_signal(
+            server, health_servicer, port, config.port_file, grace_s
         )
-        await stop.wait()
-        log.info("stopping: draining calls in flight for up to %.1f s", grace_s)
-        await health_servicer.enter_graceful_shutdown()
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        await server.stop(grace_s)
         await router.engine.stop()
         await router.workers.close()
     log.info("stopped")

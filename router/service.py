@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from moe_core.grpc_server import MAX_MESSAGE_BYTES
 from moe_core.spec import ModelSpec
 from protos import router_pb2
 from router.config import RouterConfig
@@ -20,7 +21,7 @@ from router.engine import Engine, EngineError, GenerationRequest
 from router.sampling import SamplingParams
 from router.scheduler import FinishReason
 from router.tokenizer import IncrementalDetokenizer, Tokenizer
-from router.workers import MAX_MESSAGE_BYTES, WorkerRegistry
+from router.workers import WorkerRegistry
 
 _PROBE_TIMEOUT_S = 2.0  # GetInfo asks every worker whether it answers within this
 _FINISH_REASONS = {

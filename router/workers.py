@@ -15,17 +15,12 @@ from dataclasses import dataclass
 import grpc
 import torch
 
+from moe_core.grpc_server import GRPC_OPTIONS, format_ids
 from moe_core.precision import Precision
 from moe_core.spec import ModelSpec
 from protos import expert_pb2, expert_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-]
 
 
 class WorkerSetupError(RuntimeError):
@@ -65,17 +60,6 @@ def expert_owners(
     if problems:
         raise WorkerSetupError("expert workers do not fit the model: " + "; ".join(problems))
     return [owner for owner in owners if owner is not None]
-
-
-def format_ids(ids: list[int]) -> str:
-    """[0, 1, 2, 5] -> '0-2,5'."""
-    spans: list[list[int]] = []
-    for i in sorted(ids):
-        if spans and i == spans[-1][1] + 1:
-            spans[-1][1] = i
-        else:
-            spans.append([i, i])
-    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in spans) or "none"
 
 
 @dataclass

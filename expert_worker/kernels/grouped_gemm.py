@@ -1,4 +1,4 @@
-"""FP8 block-scaled grouped GEMM entry points (kernel: grouped_gemm.cu).
+"""FP8 block-scaled grouped GEMM entry points (kernels: grouped_gemm.cu, grouped_gemm_tma.cu).
 
 Layout shared by every entry here: rows of `a8` are sorted by group; group g owns
 `group_counts[g]` consecutive rows (zero allowed) and multiplies them by `b8[g]`. The sum of
@@ -13,10 +13,12 @@ import torch
 
 from moe_core.fp8 import BLOCK, FP8_DTYPE
 
-from .nvrtc import load_kernel
+from .nvrtc import load_kernel, sm_count, tensor_map_2d
 
-SOURCE = "grouped_gemm.cu"
+SOURCE = "grouped_gemm.cu"  # v1 (mma.sync) and v2 (wgmma, cp.async)
 KERNEL = "grouped_gemm_fp8"
+SOURCE_TMA = "grouped_gemm_tma.cu"  # v3 (TMA, warp-specialised wgmma, persistent)
+KERNEL_TMA = "grouped_gemm_fp8_tma"
 
 # Epilogues of grouped_gemm.cu.
 EPI_BF16 = 0  # C as bf16 [M, N]
@@ -25,7 +27,13 @@ EPI_WEIGHTED_ADD = 2  # out[row_token[r]] += row_weight[r] * C[r] in float32
 
 # Tile configurations: CTA tile BM x BN, warps WM x WN, cp.async stages; WGMMA=1 uses the Hopper
 # warpgroup MMA (one warpgroup per 64 rows), otherwise mma.sync m16n8k32 (any sm_89+ GPU).
+# TMA=1 configurations run grouped_gemm_tma.cu (v3, sm_90a): BM / 64 consumer warpgroups plus a
+# producer warpgroup, a TMA ring of STAGES stages, a persistent grid of at most one CTA per SM;
+# MCAST=2: clusters of two CTAs on adjacent N tiles share the A tile by TMA multicast.
 CONFIGS: dict[str, dict[str, int]] = {
+    "tma128n256x2": dict(TMA=1, BM=128, BN=256, STAGES=4, MCAST=2),
+    "tma128n256": dict(TMA=1, BM=128, BN=256, STAGES=4, MCAST=1),
+    "tma128": dict(TMA=1, BM=128, BN=128, STAGES=6, MCAST=1),
     "wg128": dict(WGMMA=1, BM=128, BN=128, WM=8, WN=1, STAGES=6),
     "wg128n256": dict(WGMMA=1, BM=128, BN=256, WM=8, WN=1, STAGES=4),
     "wg64": dict(WGMMA=1, BM=64, BN=128, WM=4, WN=1, STAGES=4),
@@ -34,6 +42,8 @@ CONFIGS: dict[str, dict[str, int]] = {
     "m32": dict(BM=32, BN=128, WM=1, WN=4, STAGES=6),
     "m16": dict(BM=16, BN=128, WM=1, WN=4, STAGES=6),
     # SwiGLU epilogue: 128 gate + 128 up columns per CTA.
+    "swiglu_tma128x2": dict(TMA=1, BM=128, BN=256, STAGES=4, MCAST=2),
+    "swiglu_tma128": dict(TMA=1, BM=128, BN=256, STAGES=4, MCAST=1),
     "swiglu_wg128": dict(WGMMA=1, BM=128, BN=256, WM=8, WN=1, STAGES=4),
     "swiglu_wg64": dict(WGMMA=1, BM=64, BN=256, WM=4, WN=1, STAGES=4),
     "swiglu_m64": dict(BM=64, BN=256, WM=2, WN=4, STAGES=4),
@@ -41,24 +51,48 @@ CONFIGS: dict[str, dict[str, int]] = {
 }
 
 
+# Prefill path of pick_config: "v3" (TMA kernel) or "v2" (cp.async wgmma kernel).
+PREFILL = "v3"
+
+
 def pick_config(num_rows: int, num_groups: int, n: int, swiglu: bool = False) -> str:
     """Small heuristic on the mean rows per group and N (measured on H100, docs/kernels.md).
 
-    Decode (<= 16 rows per group) streams weights with the mma.sync m16 tile; prefill uses wgmma
-    with the widest N tile that divides N.
+    Decode (<= 16 rows per group) streams weights with the mma.sync m16 tile; prefill uses the
+    v3 TMA kernel (or v2's wgmma with PREFILL = "v2") with the widest N tile that divides N.
     """
     mean_rows = num_rows / max(num_groups, 1)
+    v3 = PREFILL == "v3"
+    pairs = n % 512 == 0  # an even number of 256-wide N tiles: clusters of two share A
     if swiglu:
-        return "swiglu_m16" if mean_rows <= 16 else "swiglu_wg128"
+        if mean_rows <= 16:
+            return "swiglu_m16"
+        if not v3:
+            return "swiglu_wg128"
+        return "swiglu_tma128x2" if pairs else "swiglu_tma128"
     if mean_rows <= 16:
         return "m16"
     if mean_rows <= 64:
         return "wg64"
-    return "wg128n256" if n % 256 == 0 else "wg128"
+    if n % 256 == 0:
+        return ("tma128n256x2" if pairs else "tma128n256") if v3 else "wg128n256"
+    return "tma128" if v3 else "wg128"
+
+
+def threads(cfg: dict[str, int]) -> int:
+    if cfg.get("TMA"):
+        return (cfg["BM"] // 64 + 1) * 128  # consumer warpgroups + the producer warpgroup
+    return cfg["WM"] * cfg["WN"] * 32
 
 
 def smem_bytes(cfg: dict[str, int]) -> int:
-    """Stages of (A tile, B tile, row scales) plus 1024 bytes to align the swizzle atoms."""
+    """Dynamic shared memory of a configuration, plus 1024 bytes to align the swizzle atoms.
+
+    cp.async kernels: stages of (A tile, B tile, row scales). TMA kernel: stages of (A tile,
+    B tile) and two mbarriers (full, empty) per stage.
+    """
+    if cfg.get("TMA"):
+        return cfg["STAGES"] * ((cfg["BM"] + cfg["BN"]) * BLOCK + 16) + 1024
     return cfg["STAGES"] * ((cfg["BM"] + cfg["BN"]) * BLOCK + cfg["BM"] * 4) + 1024
 
 
@@ -115,8 +149,13 @@ def launch(
     out_scales: torch.Tensor | None = None,
     row_weights: torch.Tensor | None = None,
     row_token: torch.Tensor | None = None,
+    max_ctas: int | None = None,
 ) -> None:
-    """Launch grouped_gemm.cu with one epilogue; operands already checked by the caller."""
+    """Launch one kernel with one epilogue; operands already checked by the caller.
+
+    `max_ctas` caps the persistent grid of TMA configurations (default: as many CTAs as fit,
+    one per SM).
+    """
     m, k = a8.shape
     g, n, _ = b8.shape
     if m == 0:
@@ -124,21 +163,30 @@ def launch(
     cfg = CONFIGS[cfg_name]
     if epilogue == EPI_SWIGLU_QUANT:
         assert cfg["BN"] == 256, f"config {cfg_name} is not a SwiGLU config"
-    kernel = load_kernel(SOURCE, KERNEL, dict(cfg, EPI=epilogue), a8.device)
     n_tiles = n // (256 if epilogue == EPI_SWIGLU_QUANT else cfg["BN"])
     assert n % cfg["BN"] == 0, f"N={n} is not a multiple of the tile width {cfg['BN']}"
     # Upper bound on M tiles of the ragged layout: each group adds at most one partial tile.
     m_tiles = (m + cfg["BM"] - 1) // cfg["BM"] + g
-    threads = cfg["WM"] * cfg["WN"] * 32
-    kernel(
-        m_tiles * n_tiles,
-        threads,
-        smem_bytes(cfg),
-        [
-            a8, a_scales, b8, b_scales, group_counts, out, out_scales, row_weights, row_token,
-            ctypes.c_int(m), ctypes.c_int(n), ctypes.c_int(k), ctypes.c_int(g),
-        ],
-    )  # fmt: skip
+    scalars = [ctypes.c_int(m), ctypes.c_int(n), ctypes.c_int(k), ctypes.c_int(g)]
+    rest = [group_counts, out, out_scales, row_weights, row_token, *scalars]
+    defines = dict(cfg, EPI=epilogue)
+    if cfg.get("TMA"):
+        kernel = load_kernel(SOURCE_TMA, KERNEL_TMA, defines, a8.device)
+        cluster = cfg["MCAST"]
+        assert n_tiles % cluster == 0, f"{cfg_name} needs an even number of N tiles, N={n}"
+        map_a = tensor_map_2d(a8, m, k, cfg["BM"] // cluster)  # each CTA of a cluster: its half
+        map_b = tensor_map_2d(b8, g * n, k, 128)
+        if cluster > 1:
+            fit = kernel.max_active_clusters(cluster, threads(cfg), smem_bytes(cfg))
+        else:
+            fit = sm_count(a8.device.index)
+        clusters = min(m_tiles * n_tiles // cluster, fit, max(1, (max_ctas or fit) // cluster))
+        args = [map_a, map_b, a_scales, b_scales, *rest]
+        kernel(clusters * cluster, threads(cfg), smem_bytes(cfg), args)
+    else:
+        kernel = load_kernel(SOURCE, KERNEL, defines, a8.device)
+        args = [a8, a_scales, b8, b_scales, *rest]
+        kernel(m_tiles * n_tiles, threads(cfg), smem_bytes(cfg), args)
 
 
 def grouped_gemm_fp8(

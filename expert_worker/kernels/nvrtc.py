@@ -5,17 +5,20 @@ driver. The first use of a kernel compiles it for the device's architecture (`sm
 keeps the CUBIN in a disk cache keyed by a hash of the source, the headers beside it, the options,
 the architecture and the NVRTC version (written atomically: temp file + rename), and loads it with
 the driver API. An in-process cache sits in front of the disk cache. `MOE_KERNEL_CACHE_DIR` moves
-the disk cache (default `~/.cache/moe-cluster/kernels`).
+the disk cache (default `~/.cache/moe-cluster/kernels`). The `*.cuh` files beside the sources are
+handed to NVRTC as headers (`#include "common.cuh"`). `tensor_map_2d` makes the TMA descriptors
+(`cuTensorMapEncodeTiled`) that the v3 kernel takes by value.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,8 @@ KERNEL_DIR = Path(__file__).resolve().parent
 _lock = threading.Lock()
 _loaded: dict[tuple[str, int], Kernel] = {}  # by (cache key, device index)
 _by_request: dict[tuple[Any, ...], Kernel] = {}  # by (file, name, defines, device index)
+_tensor_maps: dict[tuple[int, ...], Any] = {}  # by (address, rows, cols, box rows)
+TENSOR_MAP_CACHE_SIZE = 256
 _bindings: tuple[Any, Any] | None = None
 
 
@@ -90,17 +95,31 @@ def nvrtc_version() -> tuple[int, int]:
     return tuple(check(nvrtc.nvrtcVersion()))
 
 
+def _headers() -> dict[str, bytes]:
+    """The `*.cuh` files beside the sources, by file name."""
+    return {p.name: p.read_bytes() for p in sorted(KERNEL_DIR.glob("*.cuh"))}
+
+
 def _headers_digest() -> str:
     h = hashlib.sha256()
-    for p in sorted(KERNEL_DIR.glob("*.cuh")):
-        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    for name, text in _headers().items():
+        h.update(name.encode() + b"\0" + text)
     return h.hexdigest()
 
 
 def _compile(source: str, name: str, options: list[str]) -> tuple[bytes, str]:
     """NVRTC: CUDA C++ source -> (CUBIN, compiler log). The log is in the error on failure."""
     _, nvrtc = bindings()
-    prog = check(nvrtc.nvrtcCreateProgram(source.encode(), f"{name}.cu".encode(), 0, [], []))
+    headers = _headers()
+    prog = check(
+        nvrtc.nvrtcCreateProgram(
+            source.encode(),
+            f"{name}.cu".encode(),
+            len(headers),
+            list(headers.values()),
+            [h.encode() for h in headers],
+        )
+    )
     try:
         opts = [o.encode() for o in options]
         err = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)[0]
@@ -156,10 +175,11 @@ class Kernel:
     local_bytes: int
     log: str
     max_smem: int = 0
+    clusters: dict[tuple[int, int, int], int] = field(default_factory=dict)
 
-    def __call__(self, grid: int, block: int, smem_bytes: int, args: list[Any]) -> None:
-        driver, _ = bindings()
+    def _reserve_smem(self, smem_bytes: int) -> None:
         if smem_bytes > self.max_smem:
+            driver, _ = bindings()
             check(
                 driver.cuFuncSetAttribute(
                     self.function,
@@ -168,6 +188,26 @@ class Kernel:
                 )
             )
             self.max_smem = smem_bytes
+
+    def max_active_clusters(self, cluster: int, block: int, smem_bytes: int) -> int:
+        """How many clusters of `cluster` CTAs (its compile-time __cluster_dims__) fit at once."""
+        key = (cluster, block, smem_bytes)
+        if key not in self.clusters:
+            driver, _ = bindings()
+            self._reserve_smem(smem_bytes)
+            config = driver.CUlaunchConfig()
+            config.gridDimX, config.gridDimY, config.gridDimZ = cluster, 1, 1
+            config.blockDimX, config.blockDimY, config.blockDimZ = block, 1, 1
+            config.sharedMemBytes = smem_bytes
+            config.numAttrs = 0
+            self.clusters[key] = int(
+                check(driver.cuOccupancyMaxActiveClusters(self.function, config))
+            )
+        return self.clusters[key]
+
+    def __call__(self, grid: int, block: int, smem_bytes: int, args: list[Any]) -> None:
+        driver, _ = bindings()
+        self._reserve_smem(smem_bytes)
         values, types = [], []
         for a in args:
             if isinstance(a, torch.Tensor):
@@ -179,8 +219,14 @@ class Kernel:
             elif isinstance(a, ctypes._SimpleCData):
                 values.append(a)
                 types.append(type(a))
+            elif callable(getattr(a, "getPtr", None)):  # a cuda-python struct (CUtensorMap)
+                values.append(a)  # passed by value: cuda-python copies the struct it points at
+                types.append(None)
             else:
-                raise TypeError(f"kernel scalars must be ctypes values, got {type(a).__name__}")
+                raise TypeError(
+                    f"kernel arguments must be tensors, ctypes scalars or tensor maps, "
+                    f"got {type(a).__name__}"
+                )
         stream = driver.CUstream(torch.cuda.current_stream(self.device).cuda_stream)
         check(
             driver.cuLaunchKernel(
@@ -241,3 +287,47 @@ def _load(source_file: str, name: str, defines: dict[str, int], device: torch.de
         kernel = Kernel(name, function, device, int(regs), int(local), log)
         _loaded[(key, device.index)] = kernel
         return kernel
+
+
+def tensor_map_2d(t: torch.Tensor, rows: int, cols: int, box_rows: int) -> Any:
+    """TMA descriptor (CUtensorMap) of `t` seen as a contiguous [rows, cols] matrix of bytes.
+
+    Boxes of box_rows x 128 bytes, 128-byte swizzle (the layout wgmma's descriptor reads), zeros
+    for rows past `rows`. Cached by (address, rows, cols, box_rows): a descriptor holds no
+    reference to the tensor and depends on nothing else, so a hit is always the same descriptor.
+    """
+    key = (t.data_ptr(), rows, cols, box_rows)
+    tmap = _tensor_maps.get(key)
+    if tmap is None:
+        assert t.is_contiguous() and t.element_size() == 1 and t.numel() == rows * cols, (
+            f"tensor map needs a contiguous 1-byte [{rows}, {cols}] tensor"
+        )
+        assert t.data_ptr() % 16 == 0 and cols % 128 == 0 and 0 < box_rows <= 256
+        driver, _ = bindings()
+        u64, u32 = driver.cuuint64_t, driver.cuuint32_t
+        tmap = check(
+            driver.cuTensorMapEncodeTiled(
+                driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_UINT8,
+                2,
+                t.data_ptr(),
+                [u64(cols), u64(rows)],
+                [u64(cols)],
+                [u32(128), u32(box_rows)],
+                [u32(1), u32(1)],
+                driver.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
+                driver.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
+                driver.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                driver.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        )
+        with _lock:
+            if len(_tensor_maps) >= TENSOR_MAP_CACHE_SIZE:
+                _tensor_maps.clear()
+            _tensor_maps[key] = tmap
+    return tmap
+
+
+@functools.cache
+def sm_count(index: int) -> int:
+    """Number of SMs of CUDA device `index` (the persistent kernel's grid bound)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
