@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from expert_worker.experts import KERNELS
 from moe_core.precision import Precision
 
 
@@ -25,6 +26,7 @@ class WorkerConfig:
     device: str = "cpu"  # torch device of the expert weights, e.g. "cpu", "cuda", "cuda:1"
     precision: Precision = Precision.FP32  # how the expert weights are held; tokens must match
     grace_s: float = 5.0  # on SIGTERM/SIGINT, time given to calls in flight before they are cut
+    kernels: str = "auto"  # fp8 expert MLP: "cuda" kernels, their "torch" twin, or "auto"
 
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir)
@@ -53,5 +55,7 @@ class WorkerConfig:
         except ValueError as exc:
             choices = ", ".join(p.value for p in Precision)
             raise ValueError(f"precision must be one of {choices}, got {self.precision!r}") from exc
+        if self.kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
         if not self.grace_s >= 0:
             raise ValueError(f"grace_s may not be negative, got {self.grace_s}")

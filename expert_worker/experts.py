@@ -1,12 +1,16 @@
 """`ExpertShard`: the routed experts one worker holds, kept per precision, and their grouped MLP.
 
-Shapes: T = tokens, S = expert slots per token, H = hidden, I = expert intermediate size,
+Shapes: T = tokens, S = expert slots per token, H = hidden, I = expert intermediate size (fp8
+pads it up to a multiple of 128 with zero rows and columns, which leaves the function unchanged),
 n = experts held, R = (token, slot) pairs that name a held expert.
 
-Precisions: fp32 keeps float32 weights (FP8 checkpoints dequantized); bf16 keeps bfloat16 and
+Every precision keeps one layout per layer: w13 [n, 2I, H] (gate rows, then up rows) and
+w2 [n, H, I]. fp32 keeps float32 weights (FP8 checkpoints dequantized); bf16 keeps bfloat16 and
 computes in float32 on CPU, bfloat16 on CUDA; fp8 keeps float8_e4m3fn weights with 128x128 block
-scales (the checkpoint's own when it has them) and computes the dequantized GEMMs in float32,
-re-quantizing silu(gate) * up per token per 128 channels before the down projection.
+scales (the checkpoint's own when it has them) and runs `expert_worker.kernels`: the fused CUDA
+kernels (`expert_mlp_fp8`) on a GPU, their torch twin (`expert_mlp_torch`) elsewhere. Both
+compute the GEMMs on dequantized operands with float32 accumulation and re-quantize
+silu(gate) * up per token per 128 channels before the down projection.
 """
 
 from __future__ import annotations
@@ -20,15 +24,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from expert_worker import kernels
 from moe_core.checkpoint import Checkpoint
-from moe_core.fp8 import (
-    FP8_DTYPE,
-    dequantize_tokens,
-    dequantize_weight,
-    num_blocks,
-    quantize_tokens,
-    quantize_weight,
-)
+from moe_core.fp8 import BLOCK, FP8_DTYPE, num_blocks, quantize_weight
 from moe_core.naming import load_expert, load_expert_fp8
 from moe_core.precision import Precision
 from moe_core.spec import ModelSpec
@@ -38,20 +36,26 @@ log = logging.getLogger(__name__)
 _STORAGE = {Precision.FP32: torch.float32, Precision.BF16: torch.bfloat16, Precision.FP8: FP8_DTYPE}
 
 
+KERNELS = ("auto", "cuda", "torch")  # expert MLP implementations for fp8; auto = cuda on a GPU
+
+
 @dataclass
 class LayerExperts:
     """The held experts of one layer, stacked in the order of `ExpertShard.expert_ids`."""
 
-    gate: torch.Tensor  # [n, I, H] float32 | bfloat16 | float8_e4m3fn
-    up: torch.Tensor  # [n, I, H]
-    down: torch.Tensor  # [n, H, I]
-    gate_scales: torch.Tensor | None = None  # fp8: [n, ceil(I/128), ceil(H/128)] float32
-    up_scales: torch.Tensor | None = None  # fp8: [n, ceil(I/128), ceil(H/128)]
-    down_scales: torch.Tensor | None = None  # fp8: [n, ceil(H/128), ceil(I/128)]
+    w13: torch.Tensor  # [n, 2I, H] float32 | bfloat16 | float8_e4m3fn: gate rows, then up rows
+    w2: torch.Tensor  # [n, H, I]
+    w13_scales: torch.Tensor | None = None  # fp8: [n, 2I/128, ceil(H/128)] float32
+    w2_scales: torch.Tensor | None = None  # fp8: [n, ceil(H/128), I/128] float32
 
     def tensors(self) -> list[torch.Tensor]:
-        all_ = [self.gate, self.up, self.down, self.gate_scales, self.up_scales, self.down_scales]
-        return [t for t in all_ if t is not None]
+        return [t for t in (self.w13, self.w2, self.w13_scales, self.w2_scales) if t is not None]
+
+
+def stored_intermediate(spec: ModelSpec, precision: Precision) -> int:
+    """I as stored: fp8 rounds it up to whole 128-blocks so gate and up blocks stay apart."""
+    inter = spec.moe_intermediate_size
+    return num_blocks(inter) * BLOCK if precision == Precision.FP8 else inter
 
 
 class ExpertShard:
@@ -62,12 +66,14 @@ class ExpertShard:
         precision: Precision,
         device: torch.device,
         layers: dict[int, LayerExperts],
+        kernels: str = "auto",
     ) -> None:
         self.spec = spec
         self.expert_ids = tuple(expert_ids)
         self.precision = Precision(precision)
         self.device = torch.device(device)
         self.layers = layers
+        self.kernels = _pick_kernels(kernels, self.precision, self.device, spec.hidden_size)
         self._local = torch.full((spec.num_experts,), -1, dtype=torch.int64)  # global -> local
         self._local[list(self.expert_ids)] = torch.arange(len(self.expert_ids))
         self._local = self._local.to(self.device)
@@ -81,8 +87,12 @@ class ExpertShard:
         precision: Precision,
         device="cpu",
         progress: bool = True,
+        kernels: str = "auto",
     ) -> ExpertShard:
-        """Reads only the held experts' tensors of every MoE layer."""
+        """Reads only the held experts' tensors of every MoE layer.
+
+        kernels (fp8 only): "cuda" runs the fused CUDA kernels, "torch" their torch twin, "auto"
+        the kernels on a GPU when the hidden size is a multiple of 128, else the twin."""
         spec = ModelSpec.from_dir(model_dir)
         ids = sorted(int(e) for e in expert_ids)
         if not ids or len(set(ids)) != len(ids):
@@ -97,11 +107,12 @@ class ExpertShard:
         for layer in spec.moe_layers:
             layers[layer] = _empty_layer(spec, len(ids), precision, device)
             for i, expert in enumerate(ids):
-                for part, tensor in _expert_tensors(ckpt, spec, layer, expert, precision).items():
-                    getattr(layers[layer], part)[i].copy_(tensor)
+                _store_expert(
+                    layers[layer], i, _expert_tensors(ckpt, spec, layer, expert, precision)
+                )
                 bar.update()
         bar.close()
-        return cls(spec, ids, precision, device, layers)
+        return cls(spec, ids, precision, device, layers, kernels)
 
     def resident_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for w in self.layers.values() for t in w.tensors())
@@ -123,7 +134,7 @@ class ExpertShard:
         weight * expert_mlp(x[t]). Raises ValueError on an id not held or a bad shape/dtype."""
         if layer not in self.layers:
             raise ValueError(f"layer {layer} is not an MoE layer ({self.spec.moe_layers})")
-        xs = self._tokens_in(x, x_scales)  # [T, H] compute dtype
+        self._check_tokens(x, x_scales)
         local = self._local_ids(expert_ids, weights, x.shape[0])  # [T, S], -1 = empty
         tok, slot = (local >= 0).nonzero(as_tuple=True)  # [R], [R]
         experts = local[tok, slot]  # [R]
@@ -131,20 +142,41 @@ class ExpertShard:
         tok, experts = tok[order], experts[order]
         row_weights = weights[tok, slot[order]].float()  # [R]
         counts = torch.bincount(experts, minlength=len(self.expert_ids)).tolist()
-        out = torch.zeros(x.shape[0], self.spec.hidden_size, dtype=torch.float32, device=x.device)
         w = self.layers[layer]
+        for i, count in enumerate(counts):
+            self._tokens[i] += count
+        if self.precision == Precision.FP8:
+            run = kernels.expert_mlp_fp8 if self.kernels == "cuda" else kernels.expert_mlp_torch
+            return run(
+                x[tok].contiguous(),  # [R, H] float8_e4m3fn, rows grouped by expert
+                x_scales[tok].contiguous(),  # [R, ceil(H/128)] float32
+                torch.tensor(counts, dtype=torch.int32, device=x.device),  # [n]
+                w.w13,
+                w.w13_scales,
+                w.w2,
+                w.w2_scales,
+                row_weights.contiguous(),
+                tok.contiguous(),
+                x.shape[0],
+            )
+        compute = w.w13.dtype if self.device.type == "cuda" else torch.float32
+        xs = x.to(compute)  # [T, H]
+        out = torch.zeros(x.shape[0], self.spec.hidden_size, dtype=torch.float32, device=x.device)
+        inter = w.w2.shape[2]
         start = 0
         for i, count in enumerate(counts):
             if count == 0:
                 continue
             rows = tok[start : start + count]  # [r] tokens routed to expert i
-            y = self._mlp(w, i, xs[rows])  # [r, H] float32
+            w13, w2 = w.w13[i].to(compute), w.w2[i].to(compute)  # [2I, H], [H, I]
+            gate_up = F.linear(xs[rows], w13)  # [r, 2I]
+            h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]  # [r, I]
+            y = F.linear(h, w2).float()  # [r, H]
             out.index_add_(0, rows, y * row_weights[start : start + count, None])
-            self._tokens[i] += count
             start += count
         return out
 
-    def _tokens_in(self, x: torch.Tensor, x_scales: torch.Tensor | None) -> torch.Tensor:
+    def _check_tokens(self, x: torch.Tensor, x_scales: torch.Tensor | None) -> None:
         expected = _STORAGE[self.precision]
         if x.dim() != 2 or x.shape[1] != self.spec.hidden_size:
             raise ValueError(f"x must be [T, {self.spec.hidden_size}], got {tuple(x.shape)}")
@@ -152,15 +184,12 @@ class ExpertShard:
             raise ValueError(
                 f"{self.precision.value} experts take {expected} tokens, got {x.dtype}"
             )
-        if self.precision == Precision.FP8:
-            if x_scales is None or tuple(x_scales.shape) != (x.shape[0], num_blocks(x.shape[1])):
-                shape = None if x_scales is None else tuple(x_scales.shape)
-                expected_shape = [x.shape[0], num_blocks(x.shape[1])]
-                raise ValueError(f"fp8 tokens need x_scales {expected_shape}, got {shape}")
-            return dequantize_tokens(x, x_scales)
-        if self.precision == Precision.BF16 and self.device.type == "cuda":
-            return x
-        return x.float()
+        scales_shape = (x.shape[0], num_blocks(x.shape[1]))
+        if self.precision == Precision.FP8 and (
+            x_scales is None or tuple(x_scales.shape) != scales_shape
+        ):
+            shape = None if x_scales is None else tuple(x_scales.shape)
+            raise ValueError(f"fp8 tokens need x_scales {list(scales_shape)}, got {shape}")
 
     def _local_ids(self, ids: torch.Tensor, weights: torch.Tensor, num_tokens: int) -> torch.Tensor:
         if ids.dim() != 2 or ids.shape[0] != num_tokens or weights.shape != ids.shape:
@@ -180,37 +209,46 @@ class ExpertShard:
             )
         return local
 
-    def _mlp(self, w: LayerExperts, i: int, x: torch.Tensor) -> torch.Tensor:
-        """One expert on its rows: x [r, H] -> [r, H] float32."""
-        if self.precision == Precision.FP8:
-            gate = F.linear(x, dequantize_weight(w.gate[i], w.gate_scales[i]))  # [r, I]
-            up = F.linear(x, dequantize_weight(w.up[i], w.up_scales[i]))  # [r, I]
-            h8, h_scales = quantize_tokens(F.silu(gate) * up)  # the kernel's re-quantization
-            h = dequantize_tokens(h8, h_scales)  # [r, I]
-            return F.linear(h, dequantize_weight(w.down[i], w.down_scales[i]))  # [r, H]
-        gate, up, down = w.gate[i], w.up[i], w.down[i]
-        if x.dtype != gate.dtype:
-            gate, up, down = gate.to(x.dtype), up.to(x.dtype), down.to(x.dtype)
-        h = F.silu(F.linear(x, gate)) * F.linear(x, up)  # [r, I]
-        return F.linear(h, down).float()  # [r, H]
-
 
 def _empty_layer(spec: ModelSpec, n: int, precision: Precision, device) -> LayerExperts:
-    inter, hidden = spec.moe_intermediate_size, spec.hidden_size
+    inter, hidden = stored_intermediate(spec, precision), spec.hidden_size
     dtype = _STORAGE[precision]
 
-    def empty(*shape: int, dt: torch.dtype = dtype) -> torch.Tensor:
-        return torch.empty(shape, dtype=dt, device=device)
+    def zeros(*shape: int, dt: torch.dtype = dtype) -> torch.Tensor:
+        return torch.zeros(shape, dtype=dt, device=device)  # padding must read as zero
 
-    layer = LayerExperts(
-        gate=empty(n, inter, hidden), up=empty(n, inter, hidden), down=empty(n, hidden, inter)
-    )
+    layer = LayerExperts(w13=zeros(n, 2 * inter, hidden), w2=zeros(n, hidden, inter))
     if precision == Precision.FP8:
-        ib, hb = num_blocks(inter), num_blocks(hidden)
-        layer.gate_scales = empty(n, ib, hb, dt=torch.float32)
-        layer.up_scales = empty(n, ib, hb, dt=torch.float32)
-        layer.down_scales = empty(n, hb, ib, dt=torch.float32)
+        ib, hb = inter // BLOCK, num_blocks(hidden)
+        layer.w13_scales = zeros(n, 2 * ib, hb, dt=torch.float32)
+        layer.w2_scales = zeros(n, hb, ib, dt=torch.float32)
     return layer
+
+
+def _store_expert(layer: LayerExperts, i: int, parts: dict[str, torch.Tensor]) -> None:
+    """Copies one expert's gate/up/down (and their block scales) into slot i of the stacks."""
+    inter = layer.w2.shape[2]  # I as stored
+    rows = parts["gate"].shape[0]  # the checkpoint's I
+    layer.w13[i, :rows].copy_(parts["gate"])
+    layer.w13[i, inter : inter + rows].copy_(parts["up"])
+    layer.w2[i, :, :rows].copy_(parts["down"])
+    if layer.w13_scales is not None:  # I pads to whole blocks, so block rows line up
+        blocks = parts["gate_scales"].shape[0]
+        layer.w13_scales[i, :blocks].copy_(parts["gate_scales"])
+        layer.w13_scales[i, inter // BLOCK : inter // BLOCK + blocks].copy_(parts["up_scales"])
+        layer.w2_scales[i, :, :blocks].copy_(parts["down_scales"])
+
+
+def _pick_kernels(kernels: str, precision: Precision, device: torch.device, hidden: int) -> str:
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    if kernels == "cuda" and (device.type != "cuda" or precision != Precision.FP8):
+        raise ValueError("the CUDA expert kernels need --device cuda and --precision fp8")
+    if kernels == "cuda" and hidden % BLOCK:
+        raise ValueError(f"the CUDA expert kernels need a hidden size divisible by {BLOCK}")
+    if kernels == "auto":
+        return "cuda" if device.type == "cuda" and hidden % BLOCK == 0 else "torch"
+    return kernels
 
 
 def _expert_tensors(

@@ -2,8 +2,9 @@
 
     moe-expert-worker serve --model DIR (--experts 0-7 | --experts 0,1,5 | --shard I/N)
         [--host 127.0.0.1] [--port 0] [--port-file PATH] [--device cpu|cuda|cuda:N]
-        [--precision fp8|bf16|fp32]
+        [--precision fp8|bf16|fp32] [--kernels auto|cuda|torch]
 
+`--kernels` picks the fp8 expert MLP: the CUDA kernels (the default on a GPU) or their torch twin.
 `--shard I/N` holds experts [I*E//N, (I+1)*E//N) of a model with E routed experts per layer.
 Exit status: 0 after a graceful stop, 1 when the model cannot be loaded or served, 2 on bad usage.
 """
@@ -68,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[p.value for p in Precision],
         help="how expert weights are held; the router must use the same",
     )
+    serve.add_argument(
+        "--kernels",
+        default="auto",
+        choices=["auto", "cuda", "torch"],
+        help="fp8 expert MLP: CUDA kernels, their torch twin, or auto (kernels on a GPU)",
+    )
     serve.add_argument("--grace", type=float, default=5.0, help="seconds to drain on stop")
     serve.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper
@@ -107,6 +114,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             device=args.device,
             precision=args.precision,
             grace_s=args.grace,
+            kernels=args.kernels,
         )
     except ValueError as err:
         parser.error(str(err))
@@ -117,7 +125,11 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )
     try:
         shard = ExpertShard.load(
-            config.model_dir, config.expert_ids, config.precision, device=config.device
+            config.model_dir,
+            config.expert_ids,
+            config.precision,
+            device=config.device,
+            kernels=config.kernels,
         )
     except (ModelError, ValueError, OSError, RuntimeError) as err:
         return _fail(f"cannot load experts from {config.model_dir}: {err}")
