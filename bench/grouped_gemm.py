@@ -1,15 +1,20 @@
 """Benchmark the FP8 block-scaled grouped GEMM and the expert MLP against torch's grouped GEMMs.
 
-    python bench/grouped_gemm.py [--sections gemm,decode,worker,configs]
+    python bench/grouped_gemm.py [--sections gemm,decode,worker,configs] [--configs a,b]
+                                 [--max-ctas N] [--prefill v2|v3]
 
 Tables (printed with the command that made them):
   gemm     TFLOP/s at DeepSeek-V3 expert shapes (gate_up N=4096 K=7168, down N=7168 K=2048),
-           G x m in {8x512, 32x256, 64x128}: ours (FP8, 1x128 / 128x128 block scales) vs
+           G x m in {8x512, 32x256, 64x128}: ours, v2 (cp.async wgmma) and v3 (TMA, warp-
+           specialised, persistent; also with clusters of two CTAs sharing A (x2) or B (b2)),
+           FP8 with 1x128 / 128x128 block scales, vs
            torch._scaled_grouped_mm (FP8, rowwise scales), torch._grouped_mm (bf16) and a
            per-expert bf16 loop.
   decode   m in {1, 4, 16} rows per group, 32 and 256 groups: GB/s of weights streamed.
   worker   tokens/s of one worker holding 32 DeepSeek-V3 experts (H=7168, I=2048), top-8 of 256.
-  configs  our kernel with every tile configuration at the gemm shapes.
+  configs  our kernel with each tile configuration of --configs (default: all but the SwiGLU
+           ones) at the gemm shapes and two decode shapes; --max-ctas caps the persistent grid.
+--prefill picks the prefill kernel of pick_config (decode and worker sections).
 Times are CUDA-event medians of 5 trials of back-to-back launches after a warm-up.
 """
 
@@ -28,11 +33,13 @@ from expert_worker.kernels import (  # noqa: E402
     expert_mlp_fp8,
     expert_mlp_fp8_unfused,
     expert_mlp_torch,
+    grouped_gemm,
     grouped_gemm_fp8,
     swiglu_quant_fp8,
 )
 from expert_worker.kernels.grouped_gemm import (  # noqa: E402
     CONFIGS,
+    EPI_BF16,
     EPI_WEIGHTED_ADD,
     launch,
     pick_config,
@@ -41,6 +48,9 @@ from moe_core.fp8 import BLOCK, FP8_DTYPE, quantize_tokens  # noqa: E402
 
 DEV = torch.device("cuda")
 SHAPES = {"gate_up": (4096, 7168), "down": (7168, 2048)}
+# Prefill configurations compared: v2 (cp.async wgmma), v3 (TMA), v3 with clusters of two CTAs
+# sharing the A tile (x2) or the B tile (b2).
+VERSIONS = {"v2": "wg128n256", "v3": "tma128n256", "v3x2": "tma128n256x2", "v3b2": "tma128n256b2"}
 PREFILL = [(8, 512), (32, 256), (64, 128)]
 DECODE = [(32, 1), (32, 4), (32, 16), (256, 1), (256, 4), (256, 16)]
 
@@ -98,10 +108,14 @@ class Problem:
     def flop(self) -> float:
         return 2.0 * self.g * self.m * self.n * self.k
 
-    def ours(self, config: str | None = None):
-        return lambda: grouped_gemm_fp8(
-            self.a8, self.a_s, self.b8, self.b_s, self.counts, config=config
-        )
+    def ours(self, config: str | None = None, max_ctas: int | None = None):
+        if max_ctas is None:
+            return lambda: grouped_gemm_fp8(
+                self.a8, self.a_s, self.b8, self.b_s, self.counts, config=config
+            )
+        out = torch.empty(self.g * self.m, self.n, dtype=torch.bfloat16, device=DEV)
+        args = (self.a8, self.a_s, self.b8, self.b_s, self.counts, out)
+        return lambda: launch(EPI_BF16, config, *args, max_ctas=max_ctas)
 
     def scaled_grouped(self):
         bt = self.b8.transpose(1, 2)
@@ -138,35 +152,38 @@ def fmt(x: float | None, spec: str = "8.0f") -> str:
 
 def section_gemm() -> None:
     print("\n## Prefill grouped GEMM, TFLOP/s (ours: 1x128 act / 128x128 weight scales)")
-    head = "| shape   | G x m    | config | ours   | scaled_grouped_mm fp8 | grouped_mm bf16 "
-    print(head + "| bf16 loop | ours / scaled |")
-    print("|---|---|---|---|---|---|---|---|")
+    names = list(VERSIONS)
+    print("ours: " + ", ".join(f"{v} = {c}" for v, c in VERSIONS.items()) + "; * = pick_config")
+    base = ["scaled_grouped_mm fp8", "grouped_mm bf16", "bf16 loop"]
+    cols = names + base + [f"{v} / scaled" for v in names]
+    print("| shape | G x m | " + " | ".join(cols) + " |")
+    print("|---|---|" + "---|" * len(cols))
     for name, (n, k) in SHAPES.items():
         for g, m in PREFILL:
             p = Problem(g, m, n, k)
-            cfg = pick_config(g * m, g, n)
-            res = [measure(f) for f in (p.ours(), p.scaled_grouped(), p.grouped_bf16())]
-            res.append(measure(p.loop_bf16()))
-            tf = [None if t is None else p.flop / t / 1e9 for t in res]
-            ratio = None if tf[1] is None else tf[0] / tf[1]
-            print(
-                f"| {name:7} | {g:3d} x {m:<4d}| {cfg:6} | {fmt(tf[0], '6.0f')} | "
-                f"{fmt(tf[1], '21.0f')} | {fmt(tf[2], '15.0f')} | {fmt(tf[3], '9.0f')} | "
-                f"{fmt(ratio, '13.2f')} |"
-            )
+            fns = [p.ours(c) for c in VERSIONS.values()]
+            fns += [p.scaled_grouped(), p.grouped_bf16(), p.loop_bf16()]
+            tf = [None if t is None else p.flop / t / 1e9 for t in map(measure, fns)]
+            scaled = tf[len(names)]
+            ratios = [None if scaled is None or t is None else t / scaled for t in tf[: len(names)]]
+            picked = pick_config(g * m, g, n)
+            ours = zip(tf[: len(names)], VERSIONS.values(), strict=True)
+            cells = [fmt(t, "4.0f") + ("*" if c == picked else "") for t, c in ours]
+            cells += [fmt(t, "4.0f") for t in tf[len(names) :]]
+            cells += [fmt(r, "4.2f") for r in ratios]
+            print(f"| {name} | {g} x {m} | " + " | ".join(cells) + " |")
             del p
             torch.cuda.empty_cache()
 
 
-def section_configs() -> None:
-    print("\n## Our kernel per tile configuration, TFLOP/s")
-    names = [c for c in CONFIGS if not c.startswith("swiglu")]
+def section_configs(names: list[str], max_ctas: int | None) -> None:
+    print(f"\n## Our kernel per tile configuration, TFLOP/s (max_ctas {max_ctas})")
     print("| shape | G x m | " + " | ".join(names) + " |")
     print("|---|---|" + "---|" * len(names))
     for name, (n, k) in SHAPES.items():
         for g, m in PREFILL + [(32, 16), (256, 1)]:
             p = Problem(g, m, n, k, baselines=False)
-            tf = [p.flop / time_ms(p.ours(c)) / 1e9 for c in names]
+            tf = [p.flop / time_ms(p.ours(c, max_ctas)) / 1e9 for c in names]
             print(f"| {name} | {g} x {m} | " + " | ".join(f"{t:.0f}" for t in tf) + " |")
             del p
             torch.cuda.empty_cache()
@@ -237,7 +254,7 @@ def section_worker() -> None:
         t_gu = time_ms(lambda a=args: swiglu_quant_fp8(a["x8"], a["x_scales"], **weights13(a)))
         out = torch.zeros(tokens, h, device=DEV)
         down = (h8, hs, w2, w2_s, counts, out)
-        cfg = pick_config(h8.shape[0], experts, h)
+        cfg = pick_config(h8.shape[0], experts, h, scatter=True)
         routing = dict(row_weights=args["row_weights"], row_token=row_token)
         t_dn = time_ms(lambda d=down, c=cfg, r=routing: launch(EPI_WEIGHTED_ADD, c, *d, **r))
         t_u = time_ms(lambda a=args: expert_mlp_fp8_unfused(**a))
@@ -252,13 +269,28 @@ def section_worker() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sections", default="gemm,decode,worker")
+    ap.add_argument(
+        "--configs",
+        default=",".join(c for c in CONFIGS if not c.startswith("swiglu")),
+        help="configurations of the configs section",
+    )
+    ap.add_argument("--max-ctas", type=int, help="persistent grid cap in the configs section")
+    ap.add_argument(
+        "--prefill", choices=["v2", "v3"], default=grouped_gemm.PREFILL,
+        help="prefill kernel that pick_config chooses (decode, worker sections)",
+    )  # fmt: skip
     args = ap.parse_args()
+    grouped_gemm.PREFILL = args.prefill
     print("command: python " + " ".join(sys.argv))
     props = torch.cuda.get_device_properties(DEV)
     print(f"device: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}")
+    print(f"prefill kernel picked: {grouped_gemm.PREFILL}")
     torch.manual_seed(0)
     sections = dict(
-        gemm=section_gemm, decode=section_decode, worker=section_worker, configs=section_configs
+        gemm=section_gemm,
+        decode=section_decode,
+        worker=section_worker,
+        configs=lambda: section_configs(args.configs.split(","), args.max_ctas),
     )
     for s in args.sections.split(","):
         sections[s]()

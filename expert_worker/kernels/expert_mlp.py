@@ -132,7 +132,7 @@ def expert_mlp_fp8(
     if m == 0:
         return out
     h8, hs = swiglu_quant_fp8(x8, x_scales, group_counts, w13, w13_scales)
-    cfg = pick_config(m, g, h)
+    cfg = pick_config(m, g, h, scatter=True)
     launch(
         EPI_WEIGHTED_ADD, cfg, h8, hs, w2, w2_scales, group_counts, out,
         row_weights=row_weights, row_token=row_token,

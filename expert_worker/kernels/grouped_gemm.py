@@ -28,9 +28,11 @@ EPI_WEIGHTED_ADD = 2  # out[row_token[r]] += row_weight[r] * C[r] in float32
 # Tile configurations: CTA tile BM x BN, warps WM x WN, cp.async stages; WGMMA=1 uses the Hopper
 # warpgroup MMA (one warpgroup per 64 rows), otherwise mma.sync m16n8k32 (any sm_89+ GPU).
 # TMA=1 configurations run grouped_gemm_tma.cu (v3, sm_90a): BM / 64 consumer warpgroups plus a
-# producer warpgroup, a TMA ring of STAGES stages, a persistent grid of at most one CTA per SM;
-# MCAST=2: clusters of two CTAs on adjacent N tiles share the A tile by TMA multicast.
+# producer warpgroup, a TMA ring of STAGES stages, a persistent grid of at most one CTA per SM.
+# MCAST=2: clusters of two CTAs share a tile by TMA multicast: the A tile (two adjacent N tiles,
+# suffix x2) or, MCAST_B=1, the B tile (two adjacent M tiles of one group, suffix b2).
 CONFIGS: dict[str, dict[str, int]] = {
+    "tma128n256b2": dict(TMA=1, BM=128, BN=256, STAGES=4, MCAST=2, MCAST_B=1),
     "tma128n256x2": dict(TMA=1, BM=128, BN=256, STAGES=4, MCAST=2),
     "tma128n256": dict(TMA=1, BM=128, BN=256, STAGES=4, MCAST=1),
     "tma128": dict(TMA=1, BM=128, BN=128, STAGES=6, MCAST=1),
@@ -42,6 +44,7 @@ CONFIGS: dict[str, dict[str, int]] = {
     "m32": dict(BM=32, BN=128, WM=1, WN=4, STAGES=6),
     "m16": dict(BM=16, BN=128, WM=1, WN=4, STAGES=6),
     # SwiGLU epilogue: 128 gate + 128 up columns per CTA.
+    "swiglu_tma128b2": dict(TMA=1, BM=128, BN=256, STAGES=4, MCAST=2, MCAST_B=1),
     "swiglu_tma128x2": dict(TMA=1, BM=128, BN=256, STAGES=4, MCAST=2),
     "swiglu_tma128": dict(TMA=1, BM=128, BN=256, STAGES=4, MCAST=1),
     "swiglu_wg128": dict(WGMMA=1, BM=128, BN=256, WM=8, WN=1, STAGES=4),
@@ -55,28 +58,34 @@ CONFIGS: dict[str, dict[str, int]] = {
 PREFILL = "v3"
 
 
-def pick_config(num_rows: int, num_groups: int, n: int, swiglu: bool = False) -> str:
+def pick_config(
+    num_rows: int, num_groups: int, n: int, swiglu: bool = False, scatter: bool = False
+) -> str:
     """Small heuristic on the mean rows per group and N (measured on H100, docs/kernels.md).
 
     Decode (<= 16 rows per group) streams weights with the mma.sync m16 tile; prefill uses the
-    v3 TMA kernel (or v2's wgmma with PREFILL = "v2") with the widest N tile that divides N.
+    v3 TMA kernel (or v2's wgmma with PREFILL = "v2") with the widest N tile that divides N,
+    except for the weighted scatter-add epilogue (`scatter`, the MLP's down GEMM), where v2
+    measured faster.
     """
     mean_rows = num_rows / max(num_groups, 1)
-    v3 = PREFILL == "v3"
-    pairs = n % 512 == 0  # an even number of 256-wide N tiles: clusters of two share A
+    v3 = PREFILL == "v3" and not scatter
     if swiglu:
         if mean_rows <= 16:
             return "swiglu_m16"
-        if not v3:
-            return "swiglu_wg128"
-        return "swiglu_tma128x2" if pairs else "swiglu_tma128"
+        return "swiglu_tma128" if v3 else "swiglu_wg128"
     if mean_rows <= 16:
         return "m16"
     if mean_rows <= 64:
         return "wg64"
     if n % 256 == 0:
-        return ("tma128n256x2" if pairs else "tma128n256") if v3 else "wg128n256"
+        return "tma128n256" if v3 else "wg128n256"
     return "tma128" if v3 else "wg128"
+
+
+def n_tiles_per_cluster(cfg: dict[str, int]) -> int:
+    """N tiles that one cluster takes side by side (N / BN must be a multiple of it)."""
+    return 1 if cfg.get("MCAST_B") else cfg.get("MCAST", 1)
 
 
 def threads(cfg: dict[str, int]) -> int:
@@ -172,15 +181,19 @@ def launch(
     defines = dict(cfg, EPI=epilogue)
     if cfg.get("TMA"):
         kernel = load_kernel(SOURCE_TMA, KERNEL_TMA, defines, a8.device)
-        cluster = cfg["MCAST"]
-        assert n_tiles % cluster == 0, f"{cfg_name} needs an even number of N tiles, N={n}"
-        map_a = tensor_map_2d(a8, m, k, cfg["BM"] // cluster)  # each CTA of a cluster: its half
+        cluster, side = cfg["MCAST"], n_tiles_per_cluster(cfg)
+        assert n_tiles % side == 0, f"{cfg_name} needs a multiple of {side} N tiles, N={n}"
+        if cfg.get("MCAST_B"):  # a cluster takes a super-tile of `cluster` M tiles
+            units = ((m + cluster * cfg["BM"] - 1) // (cluster * cfg["BM"]) + g) * n_tiles
+        else:
+            units = m_tiles * n_tiles // side
+        map_a = tensor_map_2d(a8, m, k, cfg["BM"] // side)  # sharing A: each CTA loads its half
         map_b = tensor_map_2d(b8, g * n, k, 128)
         if cluster > 1:
             fit = kernel.max_active_clusters(cluster, threads(cfg), smem_bytes(cfg))
         else:
             fit = sm_count(a8.device.index)
-        clusters = min(m_tiles * n_tiles // cluster, fit, max(1, (max_ctas or fit) // cluster))
+        clusters = min(units, fit if max_ctas is None else max(1, max_ctas // cluster))
         args = [map_a, map_b, a_scales, b_scales, *rest]
         kernel(clusters * cluster, threads(cfg), smem_bytes(cfg), args)
     else:

@@ -16,11 +16,12 @@
 //     the B tile (BN / 128 boxes of 128 rows) into stage s of the ring, 128-byte swizzle (the
 //     layout the wgmma descriptor reads), completing on full[s]. Consumers free a stage by
 //     arriving on empty[s] once their wgmma has read it.
-//   - Persistent: gridDim.x <= number of SMs; CTA b takes tiles b, b + gridDim.x, ... in the
+//   - Persistent: one CTA per SM at most; CTA b takes tiles b, b + gridDim.x, ... in the
 //     order (m-tile, n-tile), n fastest: CTAs that run at the same time share the A rows and walk
 //     the same group's weights together, so each weight tile is read from HBM about once.
 //     The producer starts the next tile while the consumers run the current tile's epilogue.
-//   - MCAST = 2, clusters of two CTAs ("units" of two tiles). MCAST_B = 0: the two take adjacent
+//   - MCAST = 2 (measured slower on H100 so far, docs/kernels.md), clusters of two CTAs
+//     ("units" of two tiles). MCAST_B = 0: the two take adjacent
 //     n-tiles of one m-tile; each loads half of the A tile and multicasts it into both (40
 //     instead of 48 KB per k-block from L2 at BN = 256). MCAST_B = 1: the two take adjacent
 //     m-tiles of one group (a 256-row super-tile) and one n-tile; each loads one n128 half of the

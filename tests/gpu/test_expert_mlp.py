@@ -18,7 +18,13 @@ from expert_worker.kernels import (  # noqa: E402
     expert_mlp_torch,
     swiglu_quant_fp8,
 )
-from expert_worker.kernels.grouped_gemm import CONFIGS  # noqa: E402
+from expert_worker.kernels.grouped_gemm import (  # noqa: E402
+    CONFIGS,
+    EPI_SWIGLU_QUANT,
+    EPI_WEIGHTED_ADD,
+    launch,
+    n_tiles_per_cluster,
+)
 from moe_core.fp8 import (  # noqa: E402
     FP8_DTYPE,
     dequantize_tokens,
@@ -97,6 +103,8 @@ RAGGED = [0, 1, 7, 128, 1000]
 )
 @pytest.mark.parametrize("config", [c for c in CONFIGS if c.startswith("swiglu")])
 def test_swiglu_quant(counts, h, i, config):
+    if (i // 128) % n_tiles_per_cluster(CONFIGS[config]):
+        pytest.skip("clusters sharing A need an even number of 128-channel tiles")
     a = make_experts(counts, h, i, 8, seed=h + i)
     m = sum(counts)
     h8 = torch.empty(m, i, dtype=FP8_DTYPE, device=DEV)
@@ -113,6 +121,26 @@ def test_swiglu_quant(counts, h, i, config):
         config=config,
     )
     torch.cuda.synchronize()
+    check_swiglu(a, counts, h8, hs)
+
+
+@pytest.mark.parametrize("config", ["swiglu_tma128", "swiglu_tma128x2", "swiglu_tma128b2"])
+@pytest.mark.parametrize("max_ctas", [1, 4])
+def test_swiglu_persistent_grid(config, max_ctas):
+    """v3 SwiGLU epilogue with many tiles per CTA (22 tiles, K = 5 k-blocks)."""
+    counts = [300, 0, 517, 1, 129]
+    a = make_experts(counts, 640, 256, 8, seed=20 + max_ctas)
+    m, i = sum(counts), 256
+    h8 = torch.empty(m, i, dtype=FP8_DTYPE, device=DEV)
+    h8.view(torch.uint8).fill_(0x7F)
+    hs = torch.full((m, i // 128), float("nan"), device=DEV)
+    args = (a["x8"], a["x_scales"], a["w13"], a["w13_scales"], a["group_counts"], h8, hs)
+    launch(EPI_SWIGLU_QUANT, config, *args, max_ctas=max_ctas)
+    torch.cuda.synchronize()
+    check_swiglu(a, counts, h8, hs)
+
+
+def check_swiglu(a: dict, counts: list[int], h8: torch.Tensor, hs: torch.Tensor) -> None:
     ref8, ref_s = quantize_tokens(reference_h(a, counts).float())
     assert torch.isfinite(hs).all() and torch.isfinite(h8.float()).all(), "unwritten h8 or scales"
     # Hopper's FP8 tensor cores accumulate a 128-wide K block with reduced precision (the reason
@@ -143,6 +171,43 @@ def test_expert_mlp(which, counts, h, i, num_tokens):
     untouched = torch.ones(num_tokens, dtype=torch.bool, device=DEV)
     untouched[a["row_token"]] = False
     assert (out[untouched] == 0).all(), "tokens with no rows must be zero"
+
+
+@pytest.mark.parametrize(
+    "config,max_ctas",
+    [
+        ("wg128n256", None),
+        ("tma128n256b2", None),
+        ("tma128n256b2", 3),
+        ("tma128n256x2", None),
+        ("tma128n256x2", 3),
+        ("tma128n256", None),
+        ("tma128n256", 3),
+        ("tma128", 5),
+    ],
+)
+def test_weighted_add(config, max_ctas):
+    """Down-GEMM epilogue alone: out[row_token[r]] += row_weights[r] * (h_r @ W2[g]^T)."""
+    counts = [300, 0, 517, 1, 129]
+    h, i, num_tokens = 512, 640, 900
+    a = make_experts(counts, h, i, num_tokens, seed=30)
+    gen = torch.Generator(device=DEV).manual_seed(31)
+    h8, hs = quantize_tokens(torch.randn(sum(counts), i, generator=gen, device=DEV))
+    out = torch.zeros(num_tokens, h, device=DEV)
+    launch(
+        EPI_WEIGHTED_ADD, config, h8, hs, a["w2"], a["w2_scales"], a["group_counts"], out,
+        row_weights=a["row_weights"], row_token=a["row_token"], max_ctas=max_ctas,
+    )  # fmt: skip
+    torch.cuda.synchronize()
+    hq = dequantize_tokens(h8, hs).double()
+    ref = torch.zeros(num_tokens, h, dtype=torch.float64, device=DEV)
+    start = 0
+    for e, c in enumerate(counts):
+        rows = slice(start, start + c)
+        y = hq[rows] @ dequantize_weight(a["w2"][e], a["w2_scales"][e]).double().T
+        ref.index_add_(0, a["row_token"][rows], y * a["row_weights"][rows, None].double())
+        start += c
+    assert rel_err(out, ref) <= TOL
 
 
 def test_no_rows():

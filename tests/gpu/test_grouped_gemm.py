@@ -12,7 +12,12 @@ if not torch.cuda.is_available():
 pytest.importorskip("cuda.bindings")
 
 from expert_worker.kernels import grouped_gemm_fp8, nvrtc  # noqa: E402
-from expert_worker.kernels.grouped_gemm import CONFIGS  # noqa: E402
+from expert_worker.kernels.grouped_gemm import (  # noqa: E402
+    CONFIGS,
+    EPI_BF16,
+    launch,
+    n_tiles_per_cluster,
+)
 from moe_core.fp8 import (  # noqa: E402
     BLOCK,
     dequantize_tokens,
@@ -77,7 +82,8 @@ RAGGED = [0, 1, 7, 128, 1000]
 
 @pytest.mark.parametrize("config", [c for c in CONFIGS if not c.startswith("swiglu")])
 def test_every_config_ragged(config):
-    assert run_case(RAGGED, 256, 512, seed=1, config=config) <= TOL
+    n = 256 * n_tiles_per_cluster(CONFIGS[config])
+    assert run_case(RAGGED, n, 512, seed=1, config=config) <= TOL
 
 
 @pytest.mark.parametrize(
@@ -97,9 +103,30 @@ def test_ragged_shapes(counts, n, k):
     assert run_case(counts, n, k, seed=len(counts) + n) <= TOL
 
 
+PREFILL_CONFIGS = ["wg128n256", "tma128n256b2", "tma128n256x2", "tma128n256", "tma128"]
+TMA_CONFIGS = [c for c, v in CONFIGS.items() if v.get("TMA") and not c.startswith("swiglu")]
+
+
+@pytest.mark.parametrize("config", PREFILL_CONFIGS)
 @pytest.mark.parametrize("n,k", [(4096, 7168), (7168, 2048)])
-def test_deepseek_v3_shapes(n, k):
-    assert run_case([0, 1, 7, 128, 300], n, k, seed=3) <= TOL
+def test_deepseek_v3_shapes(n, k, config):
+    assert run_case([0, 1, 7, 128, 300], n, k, seed=3, config=config) <= TOL
+
+
+@pytest.mark.parametrize("config", TMA_CONFIGS)
+@pytest.mark.parametrize("max_ctas", [1, 3, 7])
+def test_persistent_grid(config, max_ctas):
+    """Many tiles per CTA: the TMA ring's stages and barrier phases carry over between tiles.
+
+    K = 640 is 5 k-blocks, so a tile ends mid-ring; 44 or 88 tiles over 1, 3 or 7 CTAs (clusters
+    of two: 1, 1 or 3 clusters).
+    """
+    counts = [300, 0, 517, 1, 129]
+    a8, a_s, b8, b_s, c = make_case(counts, 1024, 640, seed=10 + max_ctas)
+    out = torch.full((sum(counts), 1024), float("nan"), dtype=torch.bfloat16, device=DEV)
+    launch(EPI_BF16, config, a8, a_s, b8, b_s, c, out, max_ctas=max_ctas)
+    torch.cuda.synchronize()
+    assert rel_err(out, reference(a8, a_s, b8, b_s, counts)) <= TOL
 
 
 def test_fresh_inputs_each_run():
