@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 
-from moe_core.precision import Precision
+from moe_core.server_cli import add_server_arguments, fail, setup_logging
 
 PROG = "moe-expert-worker"
 
@@ -59,32 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     which = serve.add_mutually_exclusive_group(required=True)
     which.add_argument("--experts", help="global expert ids held, e.g. 0-7 or 0,1,5")
     which.add_argument("--shard", help="I/N: the I-th of N equal slices of the experts")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    serve.add_argument("--port", type=int, default=0, help="port (0 = pick a free one)")
-    serve.add_argument("--port-file", help="write the bound port here once serving")
-    serve.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    serve.add_argument(
-        "--precision",
-        default=Precision.FP32.value,
-        choices=[p.value for p in Precision],
-        help="how expert weights are held; the router must use the same",
-    )
+    add_server_arguments(serve, "how expert weights are held; the router must use the same")
     serve.add_argument(
         "--kernels",
         default="auto",
         choices=["auto", "cuda", "torch"],
         help="fp8 expert MLP: CUDA kernels, their torch twin, or auto (kernels on a GPU)",
     )
-    serve.add_argument("--grace", type=float, default=5.0, help="seconds to drain on stop")
-    serve.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper
-    )
     return parser
 
 
 def _fail(message: str) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    return 1
+    return fail(PROG, message)
 
 
 def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -143,11 +128,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(args.log_level)
     try:
         return _serve(args, parser)
     except KeyboardInterrupt:  # interrupted while loading, before the server handles signals

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 
-from moe_core.precision import Precision
+from moe_core.server_cli import add_server_arguments, fail, setup_logging
 
 PROG = "moe-router"
 
@@ -26,13 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the dense part and serve the client API")
     serve.add_argument("--model", required=True, help="Hugging Face model folder")
     serve.add_argument("--workers", required=True, help="expert workers: HOST:PORT,HOST:PORT,...")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    serve.add_argument("--port", type=int, default=0, help="port (0 = pick a free one)")
-    serve.add_argument("--port-file", help="write the bound port here once serving")
-    serve.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    serve.add_argument(
-        "--precision", default=Precision.FP32.value, choices=[p.value for p in Precision]
-    )
+    add_server_arguments(serve, "expert weights and dispatch format; the workers must match")
     serve.add_argument("--max-batch-size", type=int, default=64, help="sequences per step")
     serve.add_argument("--max-seq-len", type=int, default=4096, help="tokens per sequence")
     serve.add_argument(
@@ -41,16 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--rpc-timeout", type=float, default=60.0, help="seconds an expert worker may take"
     )
-    serve.add_argument("--grace", type=float, default=5.0, help="seconds to drain on stop")
-    serve.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper
-    )
     return parser
 
 
 def _fail(message: str) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    return 1
+    return fail(PROG, message)
 
 
 def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -90,11 +78,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(args.log_level)
     return _serve(args, parser)
 
 
