@@ -100,6 +100,7 @@ class ExpertShard:
         if ids[0] < 0 or ids[-1] >= spec.num_experts:
             raise ValueError(f"expert ids must be in [0, {spec.num_experts}), got {ids}")
         precision, device = Precision(precision), torch.device(device)
+        _pick_kernels(kernels, precision, device, spec.hidden_size)  # fail before reading weights
         ckpt = Checkpoint(model_dir)
         total = len(spec.moe_layers) * len(ids)
         bar = _Progress(total, f"experts of {os.fspath(model_dir)}", progress)
@@ -141,7 +142,8 @@ class ExpertShard:
         order = torch.argsort(experts, stable=True)  # group rows by expert
         tok, experts = tok[order], experts[order]
         row_weights = weights[tok, slot[order]].float()  # [R]
-        counts = torch.bincount(experts, minlength=len(self.expert_ids)).tolist()
+        bins = torch.bincount(experts, minlength=len(self.expert_ids))  # [n] rows per expert
+        counts = bins.tolist()
         w = self.layers[layer]
         for i, count in enumerate(counts):
             self._tokens[i] += count
@@ -150,7 +152,7 @@ class ExpertShard:
             return run(
                 x[tok].contiguous(),  # [R, H] float8_e4m3fn, rows grouped by expert
                 x_scales[tok].contiguous(),  # [R, ceil(H/128)] float32
-                torch.tensor(counts, dtype=torch.int32, device=x.device),  # [n]
+                bins.to(torch.int32),  # [n], already on the device
                 w.w13,
                 w.w13_scales,
                 w.w2,

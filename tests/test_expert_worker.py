@@ -329,3 +329,12 @@ def test_unexpected_failure_is_internal_and_the_server_keeps_serving(model):
     assert error.code() == grpc.StatusCode.INTERNAL
     assert error.details() == "RuntimeError: device lost"
     assert held == HELD
+
+
+def test_cuda_kernels_without_a_gpu_or_fp8_fail_before_any_weight_is_read(model, monkeypatch):
+    def no_reading(*args, **kwargs):
+        raise AssertionError("weights were read before the kernels option was checked")
+
+    monkeypatch.setattr("expert_worker.experts.Checkpoint", no_reading)
+    with pytest.raises(ValueError, match="need --device cuda and --precision fp8"):
+        ExpertShard.load(model, [0, 1], "fp32", kernels="cuda", progress=False)
