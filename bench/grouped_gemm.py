@@ -1,7 +1,8 @@
 """Benchmark the FP8 block-scaled grouped GEMM and the expert MLP against torch's grouped GEMMs.
 
     python bench/grouped_gemm.py [--sections gemm,decode,worker,configs] [--configs a,b]
-                                 [--max-ctas N] [--prefill v2|v3]
+                                 [--max-ctas N] [--prefill v2|v3] [--shapes gate_up,down]
+                                 [--sizes 8x512,32x256] [--passes N]
 
 Tables (printed with the command that made them):
   gemm     TFLOP/s at DeepSeek-V3 expert shapes (gate_up N=4096 K=7168, down N=7168 K=2048),
@@ -13,7 +14,15 @@ Tables (printed with the command that made them):
   decode   m in {1, 4, 16} rows per group, 32 and 256 groups: GB/s of weights streamed.
   worker   tokens/s of one worker holding 32 DeepSeek-V3 experts (H=7168, I=2048), top-8 of 256.
   configs  our kernel with each tile configuration of --configs (default: all but the SwiGLU
-           ones) at the gemm shapes and two decode shapes; --max-ctas caps the persistent grid.
+           ones) at the gemm shapes and two decode shapes (--sizes picks some), each cell with
+           its ratio to torch._scaled_grouped_mm timed in the same pass (--passes repeats the
+           table); --max-ctas caps the persistent grid. A name `base+KEY=VAL+...` is the
+           configuration `base` with compile-time overrides, e.g. `tma128n256+PROBE=2` for the
+           kernel's timing probes (grouped_gemm_tma.cu).
+  clocks   for each configuration of --configs and torch._scaled_grouped_mm: TFLOP/s, median
+           SM clock and board power (NVML, sampled every 10 ms) over about a second of
+           back-to-back launches, at the --sizes (default 8x512) of the --shapes.
+--shapes picks the shapes of the gemm, configs and clocks sections.
 --prefill picks the prefill kernel of pick_config (decode and worker sections).
 Times are CUDA-event medians of 5 trials of back-to-back launches after a warm-up.
 """
@@ -23,6 +32,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -150,7 +160,7 @@ def fmt(x: float | None, spec: str = "8.0f") -> str:
     return "n/a".rjust(int(spec.split(".")[0])) if x is None else format(x, spec)
 
 
-def section_gemm() -> None:
+def section_gemm(sizes: list[tuple[int, int]]) -> None:
     print("\n## Prefill grouped GEMM, TFLOP/s (ours: 1x128 act / 128x128 weight scales)")
     names = list(VERSIONS)
     print("ours: " + ", ".join(f"{v} = {c}" for v, c in VERSIONS.items()) + "; * = pick_config")
@@ -159,7 +169,7 @@ def section_gemm() -> None:
     print("| shape | G x m | " + " | ".join(cols) + " |")
     print("|---|---|" + "---|" * len(cols))
     for name, (n, k) in SHAPES.items():
-        for g, m in PREFILL:
+        for g, m in sizes:
             p = Problem(g, m, n, k)
             fns = [p.ours(c) for c in VERSIONS.values()]
             fns += [p.scaled_grouped(), p.grouped_bf16(), p.loop_bf16()]
@@ -176,15 +186,87 @@ def section_gemm() -> None:
             torch.cuda.empty_cache()
 
 
-def section_configs(names: list[str], max_ctas: int | None) -> None:
-    print(f"\n## Our kernel per tile configuration, TFLOP/s (max_ctas {max_ctas})")
-    print("| shape | G x m | " + " | ".join(names) + " |")
-    print("|---|---|" + "---|" * len(names))
+def register_variant(name: str) -> str:
+    """`base+KEY=VAL+...` -> a CONFIGS entry of that name: `base` with integer overrides."""
+    base, *overrides = name.split("+")
+    if overrides:
+        cfg = dict(CONFIGS[base])
+        for o in overrides:
+            key, val = o.split("=")
+            cfg[key] = int(val)
+        CONFIGS[name] = cfg
+    return name
+
+
+def ratio_text(ours: float, scaled: float | None) -> str:
+    return "" if scaled is None else f" ({ours / scaled:.2f})"
+
+
+def section_configs(
+    names: list[str], max_ctas: int | None, sizes: list[tuple[int, int]], passes: int
+) -> None:
+    names = [register_variant(c) for c in names]
+    print(f"\n## Our kernel per tile configuration, TFLOP/s (ours / scaled), max_ctas {max_ctas}")
+    cols = names + ["scaled_grouped_mm fp8"]
+    print("| shape | G x m | pass | " + " | ".join(cols) + " |")
+    print("|---|---|---|" + "---|" * len(cols))
     for name, (n, k) in SHAPES.items():
-        for g, m in PREFILL + [(32, 16), (256, 1)]:
+        for g, m in sizes:
             p = Problem(g, m, n, k, baselines=False)
-            tf = [p.flop / time_ms(p.ours(c, max_ctas)) / 1e9 for c in names]
-            print(f"| {name} | {g} x {m} | " + " | ".join(f"{t:.0f}" for t in tf) + " |")
+            for i in range(passes):
+                tf = [p.flop / time_ms(p.ours(c, max_ctas)) / 1e9 for c in names]
+                t = measure(p.scaled_grouped())
+                scaled = None if t is None else p.flop / t / 1e9
+                cells = [f"{x:.0f}" + ratio_text(x, scaled) for x in tf]
+                cells.append(fmt(scaled, "4.0f"))
+                print(f"| {name} | {g} x {m} | {i + 1} | " + " | ".join(cells) + " |", flush=True)
+            del p
+            torch.cuda.empty_cache()
+
+
+def clocks_under_load(fn, seconds: float = 1.2) -> tuple[float, float, float]:
+    """(ms per call, median SM MHz, median W) over `seconds` of back-to-back calls of fn."""
+    import pynvml  # nvidia-ml-py; imported here so the other sections do not need it
+
+    pynvml.nvmlInit()
+    handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+    ms = time_ms(fn)
+    reps = max(1, int(seconds * 1e3 / ms))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    mhz, watts = [], []
+    while not end.query():
+        mhz.append(pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM))
+        watts.append(pynvml.nvmlDeviceGetPowerUsage(handle) / 1e3)
+        time.sleep(0.01)
+    end.synchronize()
+    half = len(mhz) // 2  # the second half: clocks settled under the load
+    return (
+        start.elapsed_time(end) / reps,
+        statistics.median(mhz[half:]),
+        statistics.median(watts[half:]),
+    )
+
+
+def section_clocks(names: list[str], sizes: list[tuple[int, int]]) -> None:
+    names = [register_variant(c) for c in names]
+    print("\n## Clocks under load: TFLOP/s, median SM MHz, median board W")
+    print("| shape | G x m | kernel | TFLOP/s | SM MHz | W |")
+    print("|---|---|---|---|---|---|")
+    for name, (n, k) in SHAPES.items():
+        for g, m in sizes:
+            p = Problem(g, m, n, k, baselines=False)
+            runs = [(c, p.ours(c)) for c in names] + [("scaled_grouped_mm", p.scaled_grouped())]
+            for label, fn in runs:
+                ms, mhz, w = clocks_under_load(fn)
+                print(
+                    f"| {name} | {g} x {m} | {label} | {p.flop / ms / 1e9:.0f} | {mhz:.0f} "
+                    f"| {w:.0f} |",
+                    flush=True,
+                )
             del p
             torch.cuda.empty_cache()
 
@@ -275,22 +357,36 @@ def main() -> None:
         help="configurations of the configs section",
     )
     ap.add_argument("--max-ctas", type=int, help="persistent grid cap in the configs section")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="gemm and configs sections")
+    ap.add_argument("--sizes", help="G x m of the gemm and configs sections, e.g. 8x512,64x128")
+    ap.add_argument("--passes", type=int, default=1, help="repeats of the configs table")
     ap.add_argument(
         "--prefill", choices=["v2", "v3"], default=grouped_gemm.PREFILL,
         help="prefill kernel that pick_config chooses (decode, worker sections)",
     )  # fmt: skip
     args = ap.parse_args()
     grouped_gemm.PREFILL = args.prefill
+    for s in list(SHAPES):
+        if s not in args.shapes.split(","):
+            del SHAPES[s]
+    parse = lambda v: [tuple(int(x) for x in s.split("x")) for s in v.split(",")]  # noqa: E731
+    gemm_sizes = parse(args.sizes) if args.sizes else PREFILL
+    config_sizes = parse(args.sizes) if args.sizes else PREFILL + [(32, 16), (256, 1)]
     print("command: python " + " ".join(sys.argv))
     props = torch.cuda.get_device_properties(DEV)
     print(f"device: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}")
     print(f"prefill kernel picked: {grouped_gemm.PREFILL}")
     torch.manual_seed(0)
     sections = dict(
-        gemm=section_gemm,
+        gemm=lambda: section_gemm(gemm_sizes),
         decode=section_decode,
         worker=section_worker,
-        configs=lambda: section_configs(args.configs.split(","), args.max_ctas),
+        clocks=lambda: section_clocks(
+            args.configs.split(","), parse(args.sizes) if args.sizes else [(8, 512)]
+        ),
+        configs=lambda: section_configs(
+            args.configs.split(","), args.max_ctas, config_sizes, args.passes
+        ),
     )
     for s in args.sections.split(","):
         sections[s]()

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from expert_worker.experts import KERNELS
+from moe_core.metrics import check_listen_options
 from moe_core.precision import Precision
 
 
@@ -27,6 +28,12 @@ class WorkerConfig:
     precision: Precision = Precision.FP32  # how the expert weights are held; tokens must match
     grace_s: float = 5.0  # on SIGTERM/SIGINT, time given to calls in flight before they are cut
     kernels: str = "auto"  # fp8 expert MLP: "cuda" kernels, their "torch" twin, or "auto"
+    metrics_port: int | None = None  # Prometheus /metrics on host:metrics_port; None = none
+    metrics_port_file: Path | None = None  # written with the bound metrics port once serving
+    # Forward calls computing or queued for the experts' thread; more get RESOURCE_EXHAUSTED
+    max_concurrent_forwards: int = 16
+    # processes that take calls on the same port beside the worker (expert_worker.front)
+    fronts: int = 0
 
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir)
@@ -38,12 +45,7 @@ class WorkerConfig:
         if len(set(self.expert_ids)) != len(self.expert_ids):
             raise ValueError(f"expert ids repeat: {list(self.expert_ids)}")
         self.expert_ids = tuple(sorted(self.expert_ids))
-        if not self.host:
-            raise ValueError("host may not be empty")
-        if not 0 <= self.port < 65536:
-            raise ValueError(f"port must be in 0-65535, got {self.port}")
-        if self.port_file is not None:
-            self.port_file = Path(self.port_file)
+        check_listen_options(self)
         try:
             device = torch.device(self.device)
         except RuntimeError as exc:
@@ -57,5 +59,11 @@ class WorkerConfig:
             raise ValueError(f"precision must be one of {choices}, got {self.precision!r}") from exc
         if self.kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
+        if self.max_concurrent_forwards < 1:
+            raise ValueError(
+                f"max_concurrent_forwards must be at least 1, got {self.max_concurrent_forwards}"
+            )
+        if not 0 <= self.fronts <= 64:
+            raise ValueError(f"fronts must be in 0-64, got {self.fronts}")
         if not self.grace_s >= 0:
             raise ValueError(f"grace_s may not be negative, got {self.grace_s}")

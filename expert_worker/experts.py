@@ -74,9 +74,9 @@ class ExpertShard:
         self.device = torch.device(device)
         self.layers = layers
         self.kernels = _pick_kernels(kernels, self.precision, self.device, spec.hidden_size)
-        self._local = torch.full((spec.num_experts,), -1, dtype=torch.int64)  # global -> local
-        self._local[list(self.expert_ids)] = torch.arange(len(self.expert_ids))
-        self._local = self._local.to(self.device)
+        local = torch.full((spec.num_experts,), -1, dtype=torch.int64)  # global -> local
+        local[list(self.expert_ids)] = torch.arange(len(self.expert_ids))
+        self._local_cpu, self._local = local, local.to(self.device)
         self._tokens = [0] * len(self.expert_ids)  # tokens routed to each held expert
 
     @classmethod
@@ -108,9 +108,8 @@ class ExpertShard:
         for layer in spec.moe_layers:
             layers[layer] = _empty_layer(spec, len(ids), precision, device)
             for i, expert in enumerate(ids):
-                _store_expert(
-                    layers[layer], i, _expert_tensors(ckpt, spec, layer, expert, precision)
-                )
+                parts = _expert_tensors(ckpt, spec, layer, expert, precision, device)
+                _store_expert(layers[layer], i, parts)
                 bar.update()
         bar.close()
         return cls(spec, ids, precision, device, layers, kernels)
@@ -132,7 +131,10 @@ class ExpertShard:
         """x [T, H]: float32 (fp32), bfloat16 (bf16) or float8_e4m3fn with x_scales
         [T, ceil(H/128)] float32 (fp8); expert_ids [T, S] int64 global ids held here, -1 = empty
         slot; weights [T, S] float32 -> [T, H] float32 = sum over valid slots of
-        weight * expert_mlp(x[t]). Raises ValueError on an id not held or a bad shape/dtype."""
+        weight * expert_mlp(x[t]). Raises ValueError on an id not held or a bad shape/dtype.
+
+        expert_ids and weights may be on the CPU (a worker's come from the wire): the routing
+        plan is then made there and moved to the device without a synchronization."""
         if layer not in self.layers:
             raise ValueError(f"layer {layer} is not an MoE layer ({self.spec.moe_layers})")
         self._check_tokens(x, x_scales)
@@ -144,6 +146,8 @@ class ExpertShard:
         row_weights = weights[tok, slot[order]].float()  # [R]
         bins = torch.bincount(experts, minlength=len(self.expert_ids))  # [n] rows per expert
         counts = bins.tolist()
+        if tok.device != x.device:  # planned on the CPU: pinned, asynchronous copies
+            tok, row_weights, bins = (_to_device(t, x.device) for t in (tok, row_weights, bins))
         w = self.layers[layer]
         for i, count in enumerate(counts):
             self._tokens[i] += count
@@ -202,7 +206,8 @@ class ExpertShard:
         ids = ids.long()
         used = ids != -1
         in_range = (ids >= 0) & (ids < self.spec.num_experts)
-        local = torch.where(in_range, self._local[ids.clamp(0, self.spec.num_experts - 1)], -1)
+        table = self._local_cpu if ids.device.type == "cpu" else self._local
+        local = torch.where(in_range, table[ids.clamp(0, self.spec.num_experts - 1)], -1)
         bad = used & (local < 0)
         if bool(bad.any()):
             token, slot = (int(i) for i in bad.nonzero()[0])
@@ -210,6 +215,12 @@ class ExpertShard:
                 f"expert_ids[{token}, {slot}] = {int(ids[token, slot])} is not held by this shard"
             )
         return local
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _empty_layer(spec: ModelSpec, n: int, precision: Precision, device) -> LayerExperts:
@@ -254,9 +265,15 @@ def _pick_kernels(kernels: str, precision: Precision, device: torch.device, hidd
 
 
 def _expert_tensors(
-    ckpt: Checkpoint, spec: ModelSpec, layer: int, expert: int, precision: Precision
+    ckpt: Checkpoint,
+    spec: ModelSpec,
+    layer: int,
+    expert: int,
+    precision: Precision,
+    device: torch.device,
 ) -> dict[str, torch.Tensor]:
-    """One expert's tensors in the storage of `precision`, named as `LayerExperts` fields."""
+    """One expert's tensors in the storage of `precision`, named as `LayerExperts` fields.
+    Weights quantized at load are quantized on `device` (a GPU does it ~100x faster)."""
     if precision != Precision.FP8:
         w = load_expert(ckpt, spec, layer, expert)
         return {"gate": w.gate, "up": w.up, "down": w.down}
@@ -266,7 +283,7 @@ def _expert_tensors(
     w = load_expert(ckpt, spec, layer, expert)  # quantize at load
     out = {}
     for part in ("gate", "up", "down"):
-        out[part], out[f"{part}_scales"] = quantize_weight(getattr(w, part))
+        out[part], out[f"{part}_scales"] = quantize_weight(getattr(w, part).to(device))
     return out
 
 

@@ -1,12 +1,19 @@
 """`moe-expert-worker serve`: command line of an expert worker process.
 
     moe-expert-worker serve --model DIR (--experts 0-7 | --experts 0,1,5 | --shard I/N)
-        [--host 127.0.0.1] [--port 0] [--port-file PATH] [--device cpu|cuda|cuda:N]
-        [--precision fp8|bf16|fp32] [--kernels auto|cuda|torch]
+        [--host 127.0.0.1] [--port 0] [--port-file PATH] [--metrics-port P]
+        [--metrics-port-file PATH] [--device cpu|cuda|cuda:N] [--precision fp8|bf16|fp32]
+        [--kernels auto|cuda|torch] [--max-concurrent-forwards 16] [--fronts 0] [--grace 5]
+        (--tls-cert FILE --tls-key FILE --tls-ca FILE | --insecure) [--auth-token-file FILE]
 
+With TLS the worker accepts only clients (routers) that show a certificate signed by --tls-ca;
+with --auth-token-file every ExpertService call needs `authorization: Bearer <token>`.
 `--kernels` picks the fp8 expert MLP: the CUDA kernels (the default on a GPU) or their torch twin.
-`--shard I/N` holds experts [I*E//N, (I+1)*E//N) of a model with E routed experts per layer.
-Exit status: 0 after a graceful stop, 1 when the model cannot be loaded or served, 2 on bad usage.
+`--max-concurrent-forwards` bounds the Forward calls computing or queued; one more is refused with
+RESOURCE_EXHAUSTED. `--shard I/N` holds experts [I*E//N, (I+1)*E//N) of a model with E routed
+experts per layer.
+Exit status: 0 after a graceful stop, 1 when the model or a TLS/token file cannot be used, 2 on
+bad usage (also: neither TLS options nor --insecure).
 """
 
 from __future__ import annotations
@@ -15,7 +22,14 @@ import argparse
 import asyncio
 import sys
 
-from moe_core.server_cli import add_server_arguments, fail, setup_logging
+from moe_core.server_cli import (
+    add_security_arguments,
+    add_server_arguments,
+    fail,
+    load_security,
+    server_settings,
+    setup_logging,
+)
 
 PROG = "moe-expert-worker"
 
@@ -65,6 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "cuda", "torch"],
         help="fp8 expert MLP: CUDA kernels, their torch twin, or auto (kernels on a GPU)",
     )
+    add_security_arguments(serve)
+    serve.add_argument(
+        "--max-concurrent-forwards",
+        type=int,
+        default=16,
+        help="Forward calls computing or queued; more are refused with RESOURCE_EXHAUSTED",
+    )
+    serve.add_argument(
+        "--fronts",
+        type=int,
+        default=0,
+        help="processes that take calls on the same port beside the worker, copying the calls' "
+        "bytes so that the worker's own interpreter does not (default 0)",
+    )
     return parser
 
 
@@ -74,11 +102,13 @@ def _fail(message: str) -> int:
 
 def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from moe_core.errors import ModelError
+    from moe_core.security import SecretFileError
     from moe_core.spec import ModelSpec
 
     try:  # before torch loads, so that a wrong path fails fast; the message names the path
+        security = load_security(args, parser)
         spec = ModelSpec.from_dir(args.model)
-    except ModelError as err:
+    except (ModelError, SecretFileError) as err:
         return _fail(str(err))
 
     from expert_worker.config import WorkerConfig
@@ -93,13 +123,11 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         config = WorkerConfig(
             model_dir=args.model,
             expert_ids=expert_ids,
-            host=args.host,
-            port=args.port,
-            port_file=args.port_file,
-            device=args.device,
-            precision=args.precision,
+            **server_settings(args),
             grace_s=args.grace,
             kernels=args.kernels,
+            max_concurrent_forwards=args.max_concurrent_forwards,
+            fronts=args.fronts,
         )
     except ValueError as err:
         parser.error(str(err))
@@ -119,7 +147,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except (ModelError, ValueError, OSError, RuntimeError) as err:
         return _fail(f"cannot load experts from {config.model_dir}: {err}")
     try:
-        asyncio.run(serve(shard, config))
+        asyncio.run(serve(shard, config, security))
     except OSError as err:
         return _fail(str(err))
     return 0

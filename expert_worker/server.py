@@ -1,9 +1,13 @@
 """The expert worker's gRPC server: ExpertService, health and reflection on one asyncio server.
 
-The servicer only adapts: it runs `service.forward` / `service.worker_info` on the shard's own
-thread (so the event loop keeps answering health checks while experts compute), one batch at a
-time, and turns a `RequestError` into the status it names. Anything unexpected is logged and
-answered with INTERNAL; the server keeps serving.
+The servicer only adapts: it runs `wire_forward.forward_bytes` / `service.worker_info` on the
+shard's own thread (so the event loop keeps answering health checks while experts compute), one
+batch at a time, and turns a `RequestError` into the status it names. Anything unexpected is
+logged and answered with INTERNAL; the server keeps serving. At most `max_concurrent_forwards`
+Forward calls compute or wait for the thread; one more is refused at once with
+RESOURCE_EXHAUSTED. Malformed requests get INVALID_ARGUMENT, and on SIGTERM the worker drains
+(`moe_core.grpc_server`). With TLS the worker requires a client certificate signed by the CA
+(mutual TLS); with a token, ExpertService calls must carry it.
 """
 
 from __future__ import annotations
@@ -16,9 +20,14 @@ from typing import TYPE_CHECKING
 import grpc
 from grpc_health.v1 import health
 
-from expert_worker import service
+from expert_worker import service, wire_forward
 from expert_worker.config import WorkerConfig
+from expert_worker.fronts import FrontPool
+from expert_worker.metrics import WorkerMetrics
 from moe_core import grpc_server
+from moe_core.interceptors import Drain
+from moe_core.metrics import outcome, start_metrics_server
+from moe_core.security import Security
 from protos import expert_pb2, expert_pb2_grpc
 
 if TYPE_CHECKING:
@@ -33,59 +42,195 @@ class ExpertService(expert_pb2_grpc.ExpertServiceServicer):
     """ExpertService over one shard; computes in one worker thread, one call at a time.
 
     The shard's buffers and token counters are not re-entrant, so calls queue for its single
-    thread; a call the client cancels while it computes still finishes before the next starts.
+    thread; a call the client cancels while it computes still finishes before the next starts,
+    one cancelled while queued never runs. Every call is recorded in `metrics` (a fresh
+    `WorkerMetrics` when None).
     """
 
-    def __init__(self, shard: ExpertShard) -> None:
+    def __init__(
+        self,
+        shard: ExpertShard,
+        metrics: WorkerMetrics | None = None,
+        max_concurrent_forwards: int = 16,
+    ) -> None:
         self._shard = shard
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experts")
+        if metrics is None:
+            metrics = WorkerMetrics(shard.resident_bytes(), shard.device)
+        self._metrics = metrics
+        self._max_forwards = max_concurrent_forwards
+        self._forwards = 0  # Forward calls computing or queued
 
-    async def Forward(self, request, context):
-        return await self._call(context, service.forward, request)
+    @property
+    def metrics(self) -> WorkerMetrics:
+        return self._metrics
+
+    def after_calls(self, fn, *args) -> None:
+        """Runs fn(*args) on the experts' thread once the calls queued so far are done."""
+        self._thread.submit(fn, *args)
+
+    async def Forward(self, request: bytes, context):
+        """request: a serialized ExpertForwardRequest -> the serialized response (see
+        `add_servicer`: Forward skips protobuf's serializers)."""
+        return await self._abort_on_error(
+            context, self.forward(wire_forward.forward_bytes, request, self._metrics)
+        )
 
     async def GetInfo(self, request, context):
-        return await self._call(context, service.worker_info)
+        return await self._abort_on_error(context, self.run("GetInfo", service.worker_info))
 
-    async def _call(self, context, fn, *args):
-        loop = asyncio.get_running_loop()
+    async def forward(self, fn, *args):
+        """A Forward call: fn(shard, *args) on the experts' thread, within the concurrency limit;
+        RequestError when refused or failed. (Also for the calls that front processes take.)"""
+        if self._forwards >= self._max_forwards:
+            with self._metrics.request("Forward") as record:
+                record.finish(outcome(grpc.StatusCode.RESOURCE_EXHAUSTED))
+            raise service.RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this worker is at capacity: {self._forwards} Forward calls are computing or "
+                f"queued (--max-concurrent-forwards {self._max_forwards}); retry later",
+            )
+        self._forwards += 1
         try:
-            return await loop.run_in_executor(self._thread, fn, self._shard, *args)
+            return await self.run("Forward", fn, *args)
+        finally:
+            self._forwards -= 1
+
+    async def run(self, method: str, fn, *args):
+        """fn(shard, *args) on the experts' thread, recorded as a `method` call; RequestError
+        for a refusal, and (logged) INTERNAL for anything unexpected."""
+        loop = asyncio.get_running_loop()
+        with self._metrics.request(method) as record:
+            try:
+                return await loop.run_in_executor(self._thread, fn, self._shard, *args)
+            except service.RequestError as err:
+                record.finish(outcome(err.code))
+                raise
+            except Exception as err:  # a bug or a device failure: keep serving, say what happened
+                log.exception("%s failed", method)
+                record.finish(outcome(grpc.StatusCode.INTERNAL))
+                raise service.RequestError(
+                    grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}"
+                ) from err
+
+    @staticmethod
+    async def _abort_on_error(context, call):
+        try:
+            return await call
         except service.RequestError as err:
             code, message = err.code, err.message
-        except Exception as err:  # a bug or a device failure: keep serving, say what happened
-            log.exception("%s failed", fn.__name__)
-            code, message = grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}"
         await context.abort(code, message)
 
 
+def add_servicer(servicer: ExpertService, server: grpc.aio.Server) -> None:
+    """Registers ExpertService as `expert_pb2_grpc.add_ExpertServiceServicer_to_server` does,
+    except that Forward takes and returns raw bytes (the same messages, encoded and read by
+    `expert_worker.wire_forward` without protobuf's copies of the tensor data)."""
+    handlers = {
+        "Forward": grpc.unary_unary_rpc_method_handler(servicer.Forward),
+        "GetInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetInfo,
+            request_deserializer=expert_pb2.WorkerInfoRequest.FromString,
+            response_serializer=expert_pb2.WorkerInfo.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 async def start_server(
-    shard: ExpertShard, host: str = "127.0.0.1", port: int = 0
+    shard: ExpertShard,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    security: Security | None = None,
+    metrics: WorkerMetrics | None = None,
+    max_concurrent_forwards: int = 16,
+    drain: Drain | None = None,
+    servicer: ExpertService | None = None,
+    reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Starts ExpertService + health + reflection on host:port (0 = any free port).
 
-    Returns (server, bound port, health servicer); health reports SERVING for "" and
-    SERVICE_NAME once this returns.
+    security: mutual TLS (clients must show a certificate signed by its CA) and the token
+    check; None = plaintext, no token. Returns (server, bound port, health servicer); health
+    reports SERVING for "" and SERVICE_NAME once this returns. Calls are recorded in metrics
+    (see ExpertService). servicer: the ExpertService to serve (made here when None);
+    reuse_port: the worker's fronts listen on the same port.
     """
-    service_impl = ExpertService(shard)
+    security = security or Security()
+    service_impl = servicer or ExpertService(shard, metrics, max_concurrent_forwards)
     return await grpc_server.start_server(
-        lambda server: expert_pb2_grpc.add_ExpertServiceServicer_to_server(service_impl, server),
+        lambda server: add_servicer(service_impl, server),
         SERVICE_NAME,
         host,
         port,
+        **security.server_settings(require_client_auth=True),
+        drain=drain,
+        reuse_port=reuse_port,
     )
 
 
-async def serve(shard: ExpertShard, config: WorkerConfig) -> None:
-    """Serves shard until SIGINT or SIGTERM, then drains: NOT_SERVING, then stop(grace)."""
-    server, port, health_servicer = await start_server(shard, config.host, config.port)
+async def serve(shard: ExpertShard, config: WorkerConfig, security: Security | None = None) -> None:
+    """Serves shard until SIGINT or SIGTERM, then drains: NOT_SERVING, new calls refused with
+    UNAVAILABLE, calls in flight finish within config.grace_s, then the server stops.
+
+    With config.metrics_port set, /metrics is served on config.host from before the port file
+    is written until the end.
+    """
+    metrics = WorkerMetrics(shard.resident_bytes(), shard.device)
+    metrics_server = None
+    if config.metrics_port is not None:
+        metrics_server = start_metrics_server(
+            metrics.registry, config.host, config.metrics_port, config.metrics_port_file
+        )
+    try:
+        await _serve(shard, config, security or Security(), metrics)
+    finally:
+        if metrics_server is not None:
+            metrics_server.close()
+
+
+async def _serve(
+    shard: ExpertShard, config: WorkerConfig, security: Security, metrics: WorkerMetrics
+) -> None:
+    drain = Drain(SERVICE_NAME)
+    servicer = ExpertService(shard, metrics, config.max_concurrent_forwards)
+    server, port, health_servicer = await start_server(
+        shard,
+        config.host,
+        config.port,
+        security,
+        drain=drain,
+        servicer=servicer,
+        reuse_port=config.fronts > 0,
+    )
+    fronts = None
+    try:
+        if config.fronts:
+            pin = shard.device.type == "cuda"
+            fronts = FrontPool(config.fronts, servicer, config.host, port, security, pin)
+            await fronts.wait_ready()
+    except BaseException:
+        if fronts is not None:
+            await fronts.drain(0.0)
+        await server.stop(None)
+        raise
     log.info(
-        "serving on %s (experts %s, %s on %s)",
+        "serving on %s (experts %s, %s on %s, %s%s)",
         grpc_server.listen_address(config.host, port),
         grpc_server.format_ids(shard.expert_ids),
         shard.precision,
         shard.device,
+        security.describe(require_client_auth=True),
+        f", {config.fronts} front processes" if config.fronts else "",
     )
     await grpc_server.serve_until_signal(
-        server, health_servicer, port, config.port_file, config.grace_s
+        server,
+        health_servicer,
+        port,
+        config.port_file,
+        config.grace_s,
+        drain,
+        on_stop=None if fronts is None else fronts.drain,
     )
     log.info("stopped")

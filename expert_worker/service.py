@@ -1,14 +1,18 @@
 """What an expert worker answers, as plain functions over an `ExpertShard` (no sockets here).
 
 `forward` checks a request against the shard before any compute: the layer is an MoE layer, the
-tokens are in the shard's format with the model's hidden size and byte lengths that match, the
-expert ids are held by this shard (or -1) and the weights of used slots are finite. A request that
-fails a check raises `RequestError` with the gRPC status the client should see.
+tokens are in the shard's format with the model's hidden size, byte lengths that match and finite
+values (NaN/Inf in the data or the FP8 scales), at least one token (an empty batch is an error:
+the router never sends one), 1 to num_experts slots, expert ids held by this shard (or -1) and
+finite weights in the used slots. A request that fails a check raises `RequestError` with the gRPC
+status the client should see: INVALID_ARGUMENT for all of these, RESOURCE_EXHAUSTED when the
+device runs out of memory.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
@@ -20,6 +24,7 @@ from protos import expert_pb2
 
 if TYPE_CHECKING:
     from expert_worker.experts import ExpertShard
+    from expert_worker.metrics import WorkerMetrics
 
 
 class RequestError(Exception):
@@ -76,10 +81,33 @@ def _held_mask(shard: ExpertShard, ids: torch.Tensor) -> torch.Tensor:
 
 
 def forward(
-    shard: ExpertShard, request: expert_pb2.ExpertForwardRequest
+    shard: ExpertShard,
+    request: expert_pb2.ExpertForwardRequest,
+    metrics: WorkerMetrics | None = None,
 ) -> expert_pb2.ExpertForwardResponse:
-    """Runs the shard's experts on request.tokens; one weighted-sum row per token."""
+    """Runs the shard's experts on request.tokens; one weighted-sum row per token.
+
+    metrics, when given, records the batch once it is answered (not the requests refused)."""
     start = time.perf_counter()
+    out = compute(shard, request)
+    result = tf.encode_result(out.rows, request.result_format)
+    seconds = time.perf_counter() - start
+    if metrics is not None:
+        metrics.record_batch(out.num_tokens, out.expert_tokens, seconds)
+    return expert_pb2.ExpertForwardResponse(result=result, compute_seconds=seconds)
+
+
+@dataclass
+class Computed:
+    rows: torch.Tensor  # [T, H] float32 on the shard's device: the weighted expert sums
+    num_tokens: int
+    expert_tokens: int  # (token, expert) pairs computed
+
+
+def compute(shard: ExpertShard, request, in_place: bool = False) -> Computed:
+    """The checks and the experts of `forward`, without encoding the result. request: an
+    ExpertForwardRequest, or anything that reads like one (`moe_core.wire.ForwardRequestView`).
+    in_place: its token bytes are in (pinned) host memory that stays put meanwhile: no copy."""
     _check_layer(shard, request.layer)
     if not request.HasField("tokens"):
         raise _invalid("the request carries no tokens")
@@ -89,11 +117,14 @@ def forward(
             f"result_format {tf.format_name(request.result_format)} is not one of "
             "TOKEN_FORMAT_FP32, TOKEN_FORMAT_BF16"
         )
-    if request.slots == 0:
-        raise _invalid("slots must be at least 1")
+    if not 1 <= request.slots <= shard.spec.num_experts:
+        raise _invalid(
+            f"slots must be in 1..{shard.spec.num_experts} (the model's experts), "
+            f"got {request.slots}"
+        )
     num_tokens, slots = request.tokens.num_tokens, request.slots
     try:
-        x, scales = tf.decode_tokens(request.tokens, device=shard.device)
+        x, scales = tf.decode_tokens(request.tokens, shard.device, True, in_place)
         ids = tf.unpack_expert_ids(request.expert_ids, num_tokens, slots)
         weights = tf.unpack_expert_weights(request.expert_weights, num_tokens, slots, False)
     except tf.WireFormatError as err:
@@ -106,9 +137,8 @@ def forward(
             f"expert_weights[{token}, {slot}] = {float(weights[token, slot])} is not finite"
         )
     weights = torch.where(used, weights, 0.0)  # empty slots are ignored whatever they carry
-    device = torch.device(shard.device)
-    try:
-        out = shard.forward(request.layer, x, scales, ids.to(device), weights.to(device))
+    try:  # ids and weights stay on the CPU: the shard plans there, without device syncs
+        out = shard.forward(request.layer, x, scales, ids, weights)
     except ValueError as err:
         raise _invalid(str(err)) from err
     except torch.OutOfMemoryError as err:
@@ -116,10 +146,7 @@ def forward(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"out of memory running {num_tokens} tokens on {shard.device}: {err}",
         ) from err
-    result = tf.encode_result(out, request.result_format)
-    return expert_pb2.ExpertForwardResponse(
-        result=result, compute_seconds=time.perf_counter() - start
-    )
+    return Computed(out, num_tokens, int(used.sum()))
 
 
 def worker_info(shard: ExpertShard) -> expert_pb2.WorkerInfo:

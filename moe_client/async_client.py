@@ -11,49 +11,72 @@ Every failed call raises `moe_client.ClusterError` carrying the router's `.code`
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
 
-from moe_client import messages
-from moe_client.types import GenerateChunk, GenerateResult
+from moe_client import connection, messages
+from moe_client.types import GenerateChunk, GenerateResult, Scores
 from protos import router_pb2, router_pb2_grpc
 
 
 class AsyncClient:
     """A connection to one router at `address` ("host:port"); create it inside the event loop.
 
-    timeout: deadline in seconds of each call (for stream/generate: of the whole generation);
-    None waits as long as it takes. Calls fail fast with UNAVAILABLE when the router is down.
+    The same arguments as `Client`: timeout, tls, tls_ca, tls_server_name, token, token_file.
     """
 
-    def __init__(self, address: str, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        timeout: float | None = None,
+        *,
+        tls: bool = False,
+        tls_ca: str | os.PathLike | bytes | None = None,
+        tls_server_name: str | None = None,
+        token: str | None = None,
+        token_file: str | os.PathLike | None = None,
+    ) -> None:
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be positive or None, got {timeout!r}")
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(address, options=messages.CHANNEL_OPTIONS)
+        self._metadata = connection.call_metadata(token, token_file)
+        self._channel = connection.open_channel(address, tls, tls_ca, tls_server_name, aio=True)
         self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
         self._has_tokenizer: bool | None = None  # learnt from the first info() answer
 
     async def info(self) -> dict:
         """The model and the workers behind the router; the same dict as `Client.info`."""
         try:
-            info = await self._stub.GetInfo(router_pb2.ClusterInfoRequest(), timeout=self.timeout)
+            info = await self._stub.GetInfo(
+                router_pb2.ClusterInfoRequest(), timeout=self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as err:
             raise messages.cluster_error(err) from err
         self._has_tokenizer = info.has_tokenizer
         return messages.info_dict(info)
 
     async def logits(self, token_ids) -> np.ndarray:
-        """Teacher-forced logits: float32 [len(token_ids), vocab_size]."""
+        """Teacher-forced logits: float32 [len(token_ids), vocab_size].
+
+        Row i holds the next-token logits after token_ids[0..i]. Raises ClusterError
+        (UNAVAILABLE) when experts had to be left out; `score` returns those logits flagged.
+        """
+        return messages.exact_logits(await self.score(token_ids))
+
+    async def score(self, token_ids) -> Scores:
+        """Teacher-forced logits with the experts left out of their routing (degrade mode)."""
         request = messages.logits_request(token_ids)
         try:
-            response = await self._stub.Logits(request, timeout=self.timeout)
+            response = await self._stub.Logits(
+                request, timeout=self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as err:
             raise messages.cluster_error(err) from err
-        return messages.logits_array(response)
+        return messages.scores(response)
 
     async def generate(
         self,
@@ -94,7 +117,7 @@ class AsyncClient:
 
     async def _chunks(self, request: router_pb2.GenerateRequest) -> AsyncIterator[GenerateChunk]:
         has_tokenizer = True if request.prompt else await self._knows_tokenizer()
-        call = self._stub.Generate(request, timeout=self.timeout)
+        call = self._stub.Generate(request, timeout=self.timeout, metadata=self._metadata)
         try:
             async for message in call:
                 yield messages.chunk(message, has_tokenizer)

@@ -12,13 +12,14 @@ Every failed call raises `moe_client.ClusterError` carrying the router's `.code`
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import grpc
 import numpy as np
 
-from moe_client import messages
-from moe_client.types import GenerateChunk, GenerateResult
+from moe_client import connection, messages
+from moe_client.types import GenerateChunk, GenerateResult, Scores
 from protos import router_pb2, router_pb2_grpc
 
 
@@ -27,14 +28,31 @@ class Client:
 
     timeout: deadline in seconds of each call (for stream/generate: of the whole generation);
     None waits as long as it takes. Calls fail fast with UNAVAILABLE when the router is down.
+
+    Security (see `moe_client.connection`): plaintext unless tls=True (system root CAs) or
+    tls_ca (a PEM CA bundle: a path or bytes) is given; tls_server_name replaces the host in the
+    certificate check. token (or token_file, whose trailing whitespace is stripped) is sent as
+    `authorization: Bearer <token>` on every call; a router that wants one answers
+    UNAUTHENTICATED without it. A server that TLS cannot verify fails calls with UNAVAILABLE.
     """
 
-    def __init__(self, address: str, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        timeout: float | None = None,
+        *,
+        tls: bool = False,
+        tls_ca: str | os.PathLike | bytes | None = None,
+        tls_server_name: str | None = None,
+        token: str | None = None,
+        token_file: str | os.PathLike | None = None,
+    ) -> None:
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be positive or None, got {timeout!r}")
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address, options=messages.CHANNEL_OPTIONS)
+        self._metadata = connection.call_metadata(token, token_file)
+        self._channel = connection.open_channel(address, tls, tls_ca, tls_server_name, aio=False)
         self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
         self._has_tokenizer: bool | None = None  # learnt from the first info() answer
 
@@ -42,11 +60,15 @@ class Client:
         """The model and the workers behind the router.
 
         Keys: architecture, model, vocab_size, precision, device, num_layers, num_experts, top_k,
-        hidden_size, has_tokenizer, eos_token_ids, and workers: a list of
-        {address, experts, healthy, expert_tokens (expert id -> tokens sent)}.
+        hidden_size, has_tokenizer, eos_token_ids; workers: a list of
+        {address, experts, healthy, expert_tokens (expert id -> tokens sent)}; load: {kv_slots,
+        free_kv_slots, running, waiting} now; limits: {max_seq_len, max_prompt_len,
+        max_new_tokens, max_concurrent_requests, max_waiting, max_request_bytes}.
         """
         try:
-            info = self._stub.GetInfo(router_pb2.ClusterInfoRequest(), timeout=self.timeout)
+            info = self._stub.GetInfo(
+                router_pb2.ClusterInfoRequest(), timeout=self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as err:
             raise messages.cluster_error(err) from err
         self._has_tokenizer = info.has_tokenizer
@@ -55,14 +77,19 @@ class Client:
     def logits(self, token_ids) -> np.ndarray:
         """Teacher-forced logits: float32 [len(token_ids), vocab_size].
 
-        Row i holds the next-token logits after token_ids[0..i].
+        Row i holds the next-token logits after token_ids[0..i]. Raises ClusterError
+        (UNAVAILABLE) when experts had to be left out; `score` returns those logits flagged.
         """
+        return messages.exact_logits(self.score(token_ids))
+
+    def score(self, token_ids) -> Scores:
+        """Teacher-forced logits with the experts left out of their routing (degrade mode)."""
         request = messages.logits_request(token_ids)
         try:
-            response = self._stub.Logits(request, timeout=self.timeout)
+            response = self._stub.Logits(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as err:
             raise messages.cluster_error(err) from err
-        return messages.logits_array(response)
+        return messages.scores(response)
 
     def generate(
         self,
@@ -107,7 +134,7 @@ class Client:
 
     def _chunks(self, request: router_pb2.GenerateRequest) -> Iterator[GenerateChunk]:
         has_tokenizer = True if request.prompt else self._knows_tokenizer()
-        call = self._stub.Generate(request, timeout=self.timeout)
+        call = self._stub.Generate(request, timeout=self.timeout, metadata=self._metadata)
         try:
             for message in call:
                 yield messages.chunk(message, has_tokenizer)

@@ -11,7 +11,7 @@ import numbers
 import grpc
 import numpy as np
 
-from moe_client.types import ClusterError, GenerateChunk, GenerateResult
+from moe_client.types import ClusterError, GenerateChunk, GenerateResult, Scores
 from protos import router_pb2
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -87,8 +87,8 @@ def logits_request(token_ids) -> router_pb2.LogitsRequest:
     return router_pb2.LogitsRequest(token_ids=_token_ids(token_ids))
 
 
-def logits_array(response: router_pb2.LogitsResponse) -> np.ndarray:
-    """LogitsResponse -> writable float32 array [num_tokens, vocab_size]."""
+def scores(response: router_pb2.LogitsResponse) -> Scores:
+    """LogitsResponse -> Scores (a writable float32 array [num_tokens, vocab_size])."""
     rows, cols = response.num_tokens, response.vocab_size
     if len(response.logits) != rows * cols * 4:
         raise ClusterError(
@@ -96,7 +96,19 @@ def logits_array(response: router_pb2.LogitsResponse) -> np.ndarray:
             f"logits of {rows} x {cols} float32 need {rows * cols * 4} bytes, "
             f"the router sent {len(response.logits)}",
         )
-    return np.frombuffer(bytearray(response.logits), dtype="<f4").reshape(rows, cols)
+    logits = np.frombuffer(bytearray(response.logits), dtype="<f4").reshape(rows, cols)
+    return Scores(logits, tuple(response.dropped_experts))
+
+
+def exact_logits(result: Scores) -> np.ndarray:
+    """Scores -> the logits, refusing degraded ones (use `score` to accept those)."""
+    if result.dropped_experts:
+        raise ClusterError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"the logits left out experts {list(result.dropped_experts)} (no worker served them); "
+            "score() returns degraded logits with that flag",
+        )
+    return result.logits
 
 
 def info_dict(info: router_pb2.ClusterInfo) -> dict:
@@ -122,6 +134,20 @@ def info_dict(info: router_pb2.ClusterInfo) -> dict:
             }
             for worker in info.workers
         ],
+        "load": {
+            "kv_slots": info.load.kv_slots,
+            "free_kv_slots": info.load.free_kv_slots,
+            "running": info.load.running,
+            "waiting": info.load.waiting,
+        },
+        "limits": {
+            "max_seq_len": info.limits.max_seq_len,
+            "max_prompt_len": info.limits.max_prompt_len,
+            "max_new_tokens": info.limits.max_new_tokens,
+            "max_concurrent_requests": info.limits.max_concurrent_requests,
+            "max_waiting": info.limits.max_waiting,
+            "max_request_bytes": info.limits.max_request_bytes,
+        },
     }
 
 
@@ -132,6 +158,7 @@ def chunk(message: router_pb2.GenerateChunk, has_tokenizer: bool) -> GenerateChu
         text=message.text if has_tokenizer else None,
         finish_reason=_FINISH_REASONS.get(message.finish_reason),
         prompt_tokens=message.prompt_tokens,
+        dropped_experts=tuple(message.dropped_experts),
     )
 
 
@@ -145,6 +172,7 @@ def join_chunks(chunks: list[GenerateChunk]) -> GenerateResult:
         text=None if texts[0] is None else "".join(texts),
         finish_reason=chunks[-1].finish_reason,
         prompt_tokens=chunks[-1].prompt_tokens,
+        dropped_experts=tuple(sorted({e for c in chunks for e in c.dropped_experts})),
     )
 
 

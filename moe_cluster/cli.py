@@ -1,8 +1,13 @@
 """`moe-cluster`: run a local cluster, try it with the demo model, or generate from a running one.
 
-    moe-cluster up --model DIR [--workers N] [--port P] [--device cpu|cuda] [--precision ...]
+    moe-cluster up --model DIR [--workers N] [--replicas R] [--port P] [--device cpu|cuda]
+        [--precision ...] [--on-expert-loss fail|degrade] [--tls-dir DIR] [--auth-token-file FILE]
     moe-cluster demo
-    moe-cluster generate --address HOST:PORT [--max-new-tokens N] [--temperature T] PROMPT
+    moe-cluster generate --address HOST:PORT [--max-new-tokens N] [--temperature T]
+        [--tls | --tls-ca FILE] [--tls-server-name NAME] [--auth-token-file FILE] PROMPT
+
+`up` and `demo` run plaintext on loopback unless `up --tls-dir DIR` gives ca.crt, tls.crt and
+tls.key (TLS between every process and for clients).
 
 Exit status: 0 on success, 1 when the cluster or a call fails, 2 on bad usage.
 """
@@ -60,24 +65,35 @@ def _up(args: argparse.Namespace) -> int:
         str(args.max_batch_size),
         "--max-seq-len",
         str(args.max_seq_len),
+        "--on-expert-loss",
+        args.on_expert_loss,
+        "--forwarders",
+        str(args.forwarders),
     ]
     cluster = LocalCluster(
         args.model,
         workers=args.workers,
+        replicas=args.replicas,
         precision=precision,
         device=device,
         host=args.host,
         port=args.port,
         router_args=tuple(router_args),
+        worker_args=("--fronts", str(args.fronts)),
         log_dir=args.log_dir,
+        tls_dir=args.tls_dir,
+        auth_token_file=args.auth_token_file,
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        print(f"starting {args.workers} expert workers and a router ({device}, {precision})...")
+        print(
+            f"starting {args.workers * args.replicas} expert workers ({args.workers} shards x "
+            f"{args.replicas} replicas) and a router ({device}, {precision})..."
+        )
         cluster.start()
-        _print_processes(cluster, spec.model_type, Path(args.model).resolve().name)
+        _print_processes(cluster, spec.model_type, Path(args.model).resolve().name, args)
         while not stop.wait(0.5):
             dead = [p for p in cluster.processes if p.popen.poll() is not None]
             if dead:
@@ -94,16 +110,27 @@ def _up(args: argparse.Namespace) -> int:
         cluster.stop()
 
 
-def _print_processes(cluster, model_type: str, model_name: str) -> None:
+def _print_processes(cluster, model_type: str, model_name: str, args) -> None:
     print(f"\nmoe-cluster serving {model_name} ({model_type}) on {cluster.address}\n")
-    print(f"  {'process':<10} {'pid':>8}  {'address':<22} log")
+    print(f"  {'process':<10} {'pid':>8}  {'address':<22} {'metrics':<31} log")
     for proc in cluster.processes:
-        print(f"  {proc.name:<10} {proc.popen.pid:>8}  {proc.address:<22} {proc.log_path}")
+        print(
+            f"  {proc.name:<10} {proc.popen.pid:>8}  {proc.address:<22} "
+            f"{proc.metrics_url or '-':<31} {proc.log_path}"
+        )
+    flags, sdk_args = "", ""
+    if args.tls_dir:
+        ca = Path(args.tls_dir).resolve() / "ca.crt"
+        flags, sdk_args = f" --tls-ca {ca}", f", tls_ca='{ca}'"
+    if args.auth_token_file:
+        token_file = Path(args.auth_token_file).resolve()
+        flags += f" --auth-token-file {token_file}"
+        sdk_args += f", token_file='{token_file}'"
     print(
         f"\nTry it:\n"
-        f"  moe-cluster generate --address {cluster.address} 'Hello'\n"
+        f"  moe-cluster generate --address {cluster.address}{flags} 'Hello'\n"
         f'  python -c "from moe_client import Client; '
-        f"print(Client('{cluster.address}').generate(prompt='Hello').text)\"\n"
+        f"print(Client('{cluster.address}'{sdk_args}).generate(prompt='Hello').text)\"\n"
         f"\nPress Ctrl-C to stop.",
         flush=True,
     )
@@ -131,7 +158,15 @@ def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             prompt = {"token_ids": _parse_token_ids(args.prompt)}
         else:
             prompt = {"prompt": " ".join(args.prompt)}
-        with Client(args.address, timeout=args.timeout) as client:
+        client = Client(
+            args.address,
+            timeout=args.timeout,
+            tls=args.tls,
+            tls_ca=args.tls_ca,
+            tls_server_name=args.tls_server_name,
+            token_file=args.auth_token_file,
+        )
+        with client:
             chunks = client.stream(
                 **prompt,
                 max_new_tokens=args.max_new_tokens,
@@ -260,7 +295,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = commands.add_parser("up", help="start a router and N expert workers on this machine")
     up.add_argument("--model", required=True, help="Hugging Face model folder")
-    up.add_argument("--workers", type=int, default=2, help="expert worker processes")
+    up.add_argument("--workers", type=int, default=2, help="shards of the experts")
+    up.add_argument("--replicas", type=int, default=1, help="worker processes serving each shard")
+    up.add_argument(
+        "--on-expert-loss",
+        choices=["fail", "degrade"],
+        default="fail",
+        help="when every replica of a shard is down (see moe-router serve --help)",
+    )
+    up.add_argument(
+        "--forwarders",
+        type=int,
+        default=0,
+        help="processes that send the router's large layers to the workers (see moe-router "
+        "serve --help; default 0)",
+    )
+    up.add_argument(
+        "--fronts",
+        type=int,
+        default=0,
+        help="front processes per worker, taking its calls beside it (see moe-expert-worker "
+        "serve --help; default 0)",
+    )
     up.add_argument("--host", default="127.0.0.1", help="address the router listens on")
     up.add_argument("--port", type=int, default=50051, help="router port (0 = pick a free one)")
     up.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
@@ -272,6 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--max-batch-size", type=int, default=64, help="sequences per step")
     up.add_argument("--max-seq-len", type=int, default=4096, help="tokens per sequence")
     up.add_argument("--log-dir", help="keep the processes' logs here (default: a temp folder)")
+    up.add_argument(
+        "--tls-dir",
+        metavar="DIR",
+        help="serve TLS everywhere with DIR/ca.crt, DIR/tls.crt, DIR/tls.key (default: plaintext)",
+    )
+    up.add_argument(
+        "--auth-token-file", metavar="FILE", help="clients must send the bearer token in FILE"
+    )
 
     commands.add_parser("demo", help="build a small random model, serve it, generate, report")
 
@@ -284,6 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, help="seed of the sampling (default: random)")
     gen.add_argument("--ignore-eos", action="store_true", help="go on after end-of-sequence")
     gen.add_argument("--timeout", type=float, help="seconds for the whole generation")
+    gen.add_argument("--tls", action="store_true", help="TLS, verified against the system's CAs")
+    gen.add_argument("--tls-ca", metavar="FILE", help="TLS, verified against this PEM CA bundle")
+    gen.add_argument("--tls-server-name", help="name to check in the router's certificate")
+    gen.add_argument("--auth-token-file", metavar="FILE", help="send the bearer token in FILE")
     gen.add_argument(
         "--token-ids", action="store_true", help="PROMPT is token ids: '1 2 3' or 1,2,3"
     )
@@ -298,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "up":
         if args.workers < 1:
             parser.error("--workers must be at least 1")
+        if args.replicas < 1:
+            parser.error("--replicas must be at least 1")
         return _up(args)
     if args.command == "demo":
         return _demo(args)

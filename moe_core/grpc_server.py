@@ -1,5 +1,8 @@
 """What every moe-cluster gRPC server shares: message limits, listening, health, reflection,
-the port file, and a graceful stop on SIGINT/SIGTERM."""
+the interceptors of `moe_core.interceptors`, the port file, and a graceful stop on SIGINT/SIGTERM.
+
+A message over a server's receive limit is answered RESOURCE_EXHAUSTED by grpc itself.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +11,19 @@ import logging
 import os
 import signal
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from moe_core.interceptors import Drain, RejectMalformed
+
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-# Used by servers and by the router's channels to the workers.
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # servers' send limit; workers' receive limit
+# The router's channels to the workers.
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -41,15 +46,39 @@ def format_ids(ids) -> str:
 
 
 async def start_server(
-    register: Callable[[grpc.aio.Server], None], service_name: str, host: str, port: int
+    register: Callable[[grpc.aio.Server], None],
+    service_name: str,
+    host: str,
+    port: int,
+    credentials: grpc.ServerCredentials | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    drain: Drain | None = None,
+    max_receive_bytes: int = MAX_MESSAGE_BYTES,
+    reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Starts a server with `register`'s servicers, health and reflection on host:port.
 
-    port 0 picks a free port. Returns (server, bound port, health servicer); health reports
-    SERVING for "" and service_name once this returns. Raises OSError when it cannot listen.
+    port 0 picks a free port; credentials None serves plaintext; interceptors see every call first
+    (e.g. the bearer-token check of `moe_core.auth`), then `drain` (given to `serve_until_signal`
+    too), which counts calls and refuses them once stopping. Malformed requests to service_name
+    are answered INVALID_ARGUMENT; requests over max_receive_bytes get RESOURCE_EXHAUSTED.
+    Returns (server, bound port, health servicer); health reports SERVING for "" and
+    service_name once this returns. Raises OSError when it cannot listen. reuse_port: other
+    servers of this process's own (an expert worker's fronts) may listen on the same port, and
+    the kernel spreads the connections between them; otherwise a taken port fails.
     """
-    # no SO_REUSEPORT: a second server on a taken port must fail, not share its traffic
-    server = grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)])
+    # the token check first: an unauthenticated call reaches nothing else
+    interceptors = [
+        *interceptors,
+        *([drain] if drain is not None else []),
+        RejectMalformed(service_name),
+    ]
+    options = [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", max_receive_bytes),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
+    ]
+    server = grpc.aio.server(interceptors=interceptors, options=options)
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -58,7 +87,10 @@ async def start_server(
     )
     address = listen_address(host, port)
     try:
-        bound = server.add_insecure_port(address)
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
     except RuntimeError as err:
         raise OSError(f"cannot listen on {address}: {err}") from err
     if bound == 0:
@@ -88,20 +120,37 @@ async def serve_until_signal(
     port: int,
     port_file: Path | None,
     grace_s: float,
+    drain: Drain | None = None,
+    on_stop: Callable[[float], Awaitable[None]] | None = None,
 ) -> None:
-    """Writes the port file, waits for SIGINT or SIGTERM, then drains: health NOT_SERVING,
-    then `server.stop(grace_s)` (calls in flight get grace_s seconds to finish)."""
+    """Writes the port file, waits for SIGINT or SIGTERM, then drains, as Kubernetes expects:
+    health NOT_SERVING at once (health keeps answering), new calls refused with UNAVAILABLE
+    (`drain`), calls in flight given up to grace_s seconds to finish, then `server.stop`.
+    on_stop(grace_s) runs beside the drain (other processes of the server draining) and ends
+    before the server stops."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    deadline = None
     try:
         if port_file is not None:
             write_port_file(port_file, port)
         await stop.wait()
+        deadline = loop.time() + grace_s
         log.info("stopping: draining calls in flight for up to %.1f s", grace_s)
+        others = asyncio.ensure_future(on_stop(grace_s)) if on_stop is not None else None
         await health_servicer.enter_graceful_shutdown()
+        if drain is not None:
+            drain.begin()
+            if not await drain.wait_idle(grace_s):
+                log.warning(
+                    "%d calls still in flight after %.1f s: cutting them", drain.in_flight, grace_s
+                )
+        if others is not None:
+            await others
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-        await server.stop(grace_s)
+        left = grace_s if deadline is None else max(0.0, deadline - loop.time())
+        await server.stop(left)

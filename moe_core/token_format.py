@@ -6,12 +6,13 @@ Routing fields of an `ExpertForwardRequest` are `[num_tokens, slots]` int32 ids 
 and float32 weights.
 
 Encoding copies each tensor once (device -> host bytes); decoding copies the received bytes once
-into a writable tensor, then moves it to the asked device. Every malformed batch raises
-`WireFormatError` naming what is wrong.
+into a writable host tensor (pinned when the asked device is a GPU), then moves it there. Every
+malformed batch raises `WireFormatError` naming what is wrong.
 """
 
 import sys
 
+import numpy as np
 import torch
 
 from moe_core.fp8 import FP8_DTYPE, dequantize_tokens, num_blocks, quantize_tokens
@@ -62,18 +63,33 @@ def _to_bytes(x: torch.Tensor) -> bytes:
     return x.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def _from_bytes(data: bytes, dtype: torch.dtype, shape: tuple[int, ...], what: str) -> torch.Tensor:
+def _from_bytes(
+    data: bytes | memoryview,
+    dtype: torch.dtype,
+    shape: tuple[int, ...],
+    what: str,
+    pin: bool = False,
+    in_place: bool = False,
+) -> torch.Tensor:
+    """One copy of data into a writable host tensor (pinned with pin, for asynchronous
+    transfers to a GPU). data: bytes or a byte memoryview (e.g. into a received message).
+    in_place: no copy, a view of data (writable memory that outlives the tensor's use)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     count = 1
     for n in shape:
         count *= n
-    if len(data) != count * itemsize:
+    nbytes = memoryview(data).nbytes
+    if nbytes != count * itemsize:
         raise WireFormatError(
             f"{what}: expected {count * itemsize} bytes ({' x '.join(map(str, shape))} "
-            f"{str(dtype).removeprefix('torch.')}), got {len(data)}"
+            f"{str(dtype).removeprefix('torch.')}), got {nbytes}"
         )
-    # bytearray: one copy that gives torch a writable buffer
-    return torch.frombuffer(bytearray(data), dtype=dtype).view(shape)
+    if in_place:
+        host = torch.from_numpy(np.frombuffer(data, dtype=np.uint8))
+    else:
+        host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+        host.numpy()[:] = np.frombuffer(data, dtype=np.uint8)
+    return host.view(dtype).view(shape)
 
 
 def _check_finite(x: torch.Tensor, what: str) -> None:
@@ -113,12 +129,17 @@ def encode_tokens(x: torch.Tensor, precision: Precision | str) -> expert_pb2.Tok
 
 
 def decode_tokens(
-    batch: expert_pb2.TokenBatch, device: torch.device | str = "cpu", check_finite: bool = False
+    batch: expert_pb2.TokenBatch,
+    device: torch.device | str = "cpu",
+    check_finite: bool = False,
+    in_place: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """TokenBatch -> (x, scales) on device.
 
     x: [T, H] float32 (FP32), bfloat16 (BF16) or float8_e4m3fn (FP8); scales: [T, ceil(H / 128)]
     float32 for FP8, None otherwise. With check_finite, NaN/Inf in x or scales is an error.
+    in_place: the batch's bytes are in host memory that stays put until the tokens are used
+    (pinned when device is a GPU): they are read there, without a copy.
     """
     fmt = batch.format
     if fmt not in _DTYPES:
@@ -128,23 +149,26 @@ def decode_tokens(
             f"tokens: empty batch (num_tokens={batch.num_tokens}, hidden={batch.hidden})"
         )
     shape = (batch.num_tokens, batch.hidden)
-    x = _from_bytes(batch.data, _DTYPES[fmt], shape, f"tokens ({format_name(fmt)})")
+    device = torch.device(device)
+    pin = device.type == "cuda"  # pinned host copies go to the GPU without a synchronization
+    what = f"tokens ({format_name(fmt)})"
+    x = _from_bytes(batch.data, _DTYPES[fmt], shape, what, pin, in_place)
     scales = None
     if fmt == FP8:
         scale_shape = (batch.num_tokens, num_blocks(batch.hidden))
-        scales = _from_bytes(batch.scales, torch.float32, scale_shape, "tokens (FP8 scales)")
+        what = "tokens (FP8 scales)"
+        scales = _from_bytes(batch.scales, torch.float32, scale_shape, what, pin, in_place)
     elif batch.scales:
         raise WireFormatError(
             f"tokens: {format_name(fmt)} carries no scales, got {len(batch.scales)} bytes"
         )
-    if check_finite:
+    if device.type != "cpu":
+        x = x.to(device, non_blocking=pin)
+        scales = None if scales is None else scales.to(device, non_blocking=pin)
+    if check_finite:  # on the device: one elementwise pass and a sync there
         _check_finite(x, "tokens")
         if scales is not None:
             _check_finite(scales, "tokens (FP8 scales)")
-    device = torch.device(device)
-    if device.type != "cpu":
-        x = x.to(device)
-        scales = None if scales is None else scales.to(device)
     return x, scales
 
 

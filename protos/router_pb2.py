@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/router.proto\x12\x0emoe_cluster.v1\"\xaf\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x07\n\x05_seed\"|\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x33\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1c.moe_cluster.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\"\"\n\rLogitsRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"H\n\x0eLogitsResponse\x12\x12\n\nnum_tokens\x18\x01 \x01(\r\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x0e\n\x06logits\x18\x03 \x01(\x0c\"\x14\n\x12\x43lusterInfoRequest\"\xbd\x01\n\x0cWorkerStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\r\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12\x45\n\rexpert_tokens\x18\x04 \x03(\x0b\x32..moe_cluster.v1.WorkerStatus.ExpertTokensEntry\x1a\x33\n\x11\x45xpertTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x93\x02\n\x0b\x43lusterInfo\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x11\n\tprecision\x18\x03 \x01(\t\x12-\n\x07workers\x18\x04 \x03(\x0b\x32\x1c.moe_cluster.v1.WorkerStatus\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x13\n\x0bnum_experts\x18\x06 \x01(\r\x12\r\n\x05top_k\x18\x07 \x01(\r\x12\x13\n\x0bhidden_size\x18\x08 \x01(\r\x12\x15\n\rhas_tokenizer\x18\t \x01(\x08\x12\x15\n\reos_token_ids\x18\n \x03(\r\x12\r\n\x05model\x18\x0b \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x32\xf2\x01\n\rRouterService\x12L\n\x08Generate\x12\x1f.moe_cluster.v1.GenerateRequest\x1a\x1d.moe_cluster.v1.GenerateChunk0\x01\x12G\n\x06Logits\x12\x1d.moe_cluster.v1.LogitsRequest\x1a\x1e.moe_cluster.v1.LogitsResponse\x12J\n\x07GetInfo\x12\".moe_cluster.v1.ClusterInfoRequest\x1a\x1b.moe_cluster.v1.ClusterInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/router.proto\x12\x0emoe_cluster.v1\"\xaf\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x07\n\x05_seed\"\x95\x01\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x33\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1c.moe_cluster.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x17\n\x0f\x64ropped_experts\x18\x05 \x03(\r\"\"\n\rLogitsRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"a\n\x0eLogitsResponse\x12\x12\n\nnum_tokens\x18\x01 \x01(\r\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x0e\n\x06logits\x18\x03 \x01(\x0c\x12\x17\n\x0f\x64ropped_experts\x18\x04 \x03(\r\"\x14\n\x12\x43lusterInfoRequest\"\xbd\x01\n\x0cWorkerStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\r\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12\x45\n\rexpert_tokens\x18\x04 \x03(\x0b\x32..moe_cluster.v1.WorkerStatus.ExpertTokensEntry\x1a\x33\n\x11\x45xpertTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"W\n\nRouterLoad\x12\x10\n\x08kv_slots\x18\x01 \x01(\r\x12\x15\n\rfree_kv_slots\x18\x02 \x01(\r\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x0f\n\x07waiting\x18\x04 \x01(\r\"\xa4\x01\n\x0cRouterLimits\x12\x13\n\x0bmax_seq_len\x18\x01 \x01(\r\x12\x16\n\x0emax_prompt_len\x18\x02 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x1f\n\x17max_concurrent_requests\x18\x04 \x01(\r\x12\x13\n\x0bmax_waiting\x18\x05 \x01(\r\x12\x19\n\x11max_request_bytes\x18\x06 \x01(\x04\"\xeb\x02\n\x0b\x43lusterInfo\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x11\n\tprecision\x18\x03 \x01(\t\x12-\n\x07workers\x18\x04 \x03(\x0b\x32\x1c.moe_cluster.v1.WorkerStatus\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x13\n\x0bnum_experts\x18\x06 \x01(\r\x12\r\n\x05top_k\x18\x07 \x01(\r\x12\x13\n\x0bhidden_size\x18\x08 \x01(\r\x12\x15\n\rhas_tokenizer\x18\t \x01(\x08\x12\x15\n\reos_token_ids\x18\n \x03(\r\x12\r\n\x05model\x18\x0b \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12(\n\x04load\x18\r \x01(\x0b\x32\x1a.moe_cluster.v1.RouterLoad\x12,\n\x06limits\x18\x0e \x01(\x0b\x32\x1c.moe_cluster.v1.RouterLimits*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x32\xf2\x01\n\rRouterService\x12L\n\x08Generate\x12\x1f.moe_cluster.v1.GenerateRequest\x1a\x1d.moe_cluster.v1.GenerateChunk0\x01\x12G\n\x06Logits\x12\x1d.moe_cluster.v1.LogitsRequest\x1a\x1e.moe_cluster.v1.LogitsResponse\x12J\n\x07GetInfo\x12\".moe_cluster.v1.ClusterInfoRequest\x1a\x1b.moe_cluster.v1.ClusterInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,24 +33,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WORKERSTATUS_EXPERTTOKENSENTRY']._loaded_options = None
   _globals['_WORKERSTATUS_EXPERTTOKENSENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=945
-  _globals['_FINISHREASON']._serialized_end=1040
+  _globals['_FINISHREASON']._serialized_start=1340
+  _globals['_FINISHREASON']._serialized_end=1435
   _globals['_GENERATEREQUEST']._serialized_start=40
   _globals['_GENERATEREQUEST']._serialized_end=215
-  _globals['_GENERATECHUNK']._serialized_start=217
-  _globals['_GENERATECHUNK']._serialized_end=341
-  _globals['_LOGITSREQUEST']._serialized_start=343
-  _globals['_LOGITSREQUEST']._serialized_end=377
-  _globals['_LOGITSRESPONSE']._serialized_start=379
-  _globals['_LOGITSRESPONSE']._serialized_end=451
-  _globals['_CLUSTERINFOREQUEST']._serialized_start=453
-  _globals['_CLUSTERINFOREQUEST']._serialized_end=473
-  _globals['_WORKERSTATUS']._serialized_start=476
-  _globals['_WORKERSTATUS']._serialized_end=665
-  _globals['_WORKERSTATUS_EXPERTTOKENSENTRY']._serialized_start=614
-  _globals['_WORKERSTATUS_EXPERTTOKENSENTRY']._serialized_end=665
-  _globals['_CLUSTERINFO']._serialized_start=668
-  _globals['_CLUSTERINFO']._serialized_end=943
-  _globals['_ROUTERSERVICE']._serialized_start=1043
-  _globals['_ROUTERSERVICE']._serialized_end=1285
+  _globals['_GENERATECHUNK']._serialized_start=218
+  _globals['_GENERATECHUNK']._serialized_end=367
+  _globals['_LOGITSREQUEST']._serialized_start=369
+  _globals['_LOGITSREQUEST']._serialized_end=403
+  _globals['_LOGITSRESPONSE']._serialized_start=405
+  _globals['_LOGITSRESPONSE']._serialized_end=502
+  _globals['_CLUSTERINFOREQUEST']._serialized_start=504
+  _globals['_CLUSTERINFOREQUEST']._serialized_end=524
+  _globals['_WORKERSTATUS']._serialized_start=527
+  _globals['_WORKERSTATUS']._serialized_end=716
+  _globals['_WORKERSTATUS_EXPERTTOKENSENTRY']._serialized_start=665
+  _globals['_WORKERSTATUS_EXPERTTOKENSENTRY']._serialized_end=716
+  _globals['_ROUTERLOAD']._serialized_start=718
+  _globals['_ROUTERLOAD']._serialized_end=805
+  _globals['_ROUTERLIMITS']._serialized_start=808
+  _globals['_ROUTERLIMITS']._serialized_end=972
+  _globals['_CLUSTERINFO']._serialized_start=975
+  _globals['_CLUSTERINFO']._serialized_end=1338
+  _globals['_ROUTERSERVICE']._serialized_start=1438
+  _globals['_ROUTERSERVICE']._serialized_end=1680
 # @@protoc_insertion_point(module_scope)

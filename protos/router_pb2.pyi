@@ -37,16 +37,18 @@ class GenerateRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
-    __slots__ = ("token_ids", "text", "finish_reason", "prompt_tokens")
+    __slots__ = ("token_ids", "text", "finish_reason", "prompt_tokens", "dropped_experts")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
     finish_reason: FinishReason
     prompt_tokens: int
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
+    dropped_experts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., dropped_experts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LogitsRequest(_message.Message):
     __slots__ = ("token_ids",)
@@ -55,14 +57,16 @@ class LogitsRequest(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LogitsResponse(_message.Message):
-    __slots__ = ("num_tokens", "vocab_size", "logits")
+    __slots__ = ("num_tokens", "vocab_size", "logits", "dropped_experts")
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     num_tokens: int
     vocab_size: int
     logits: bytes
-    def __init__(self, num_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., logits: _Optional[bytes] = ...) -> None: ...
+    dropped_experts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, num_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., logits: _Optional[bytes] = ..., dropped_experts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ClusterInfoRequest(_message.Message):
     __slots__ = ()
@@ -87,8 +91,36 @@ class WorkerStatus(_message.Message):
     expert_tokens: _containers.ScalarMap[int, int]
     def __init__(self, address: _Optional[str] = ..., experts: _Optional[_Iterable[int]] = ..., healthy: _Optional[bool] = ..., expert_tokens: _Optional[_Mapping[int, int]] = ...) -> None: ...
 
+class RouterLoad(_message.Message):
+    __slots__ = ("kv_slots", "free_kv_slots", "running", "waiting")
+    KV_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    FREE_KV_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    kv_slots: int
+    free_kv_slots: int
+    running: int
+    waiting: int
+    def __init__(self, kv_slots: _Optional[int] = ..., free_kv_slots: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ...) -> None: ...
+
+class RouterLimits(_message.Message):
+    __slots__ = ("max_seq_len", "max_prompt_len", "max_new_tokens", "max_concurrent_requests", "max_waiting", "max_request_bytes")
+    MAX_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROMPT_LEN_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_WAITING_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    max_seq_len: int
+    max_prompt_len: int
+    max_new_tokens: int
+    max_concurrent_requests: int
+    max_waiting: int
+    max_request_bytes: int
+    def __init__(self, max_seq_len: _Optional[int] = ..., max_prompt_len: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ..., max_waiting: _Optional[int] = ..., max_request_bytes: _Optional[int] = ...) -> None: ...
+
 class ClusterInfo(_message.Message):
-    __slots__ = ("architecture", "vocab_size", "precision", "workers", "num_layers", "num_experts", "top_k", "hidden_size", "has_tokenizer", "eos_token_ids", "model", "device")
+    __slots__ = ("architecture", "vocab_size", "precision", "workers", "num_layers", "num_experts", "top_k", "hidden_size", "has_tokenizer", "eos_token_ids", "model", "device", "load", "limits")
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +133,8 @@ class ClusterInfo(_message.Message):
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     architecture: str
     vocab_size: int
     precision: str
@@ -113,4 +147,6 @@ class ClusterInfo(_message.Message):
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     model: str
     device: str
-    def __init__(self, architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., precision: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., hidden_size: _Optional[int] = ..., has_tokenizer: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., model: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+    load: RouterLoad
+    limits: RouterLimits
+    def __init__(self, architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., precision: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., hidden_size: _Optional[int] = ..., has_tokenizer: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., load: _Optional[_Union[RouterLoad, _Mapping]] = ..., limits: _Optional[_Union[RouterLimits, _Mapping]] = ...) -> None: ...

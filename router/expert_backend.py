@@ -13,10 +13,29 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from moe_core.fp8 import quantize_tokens
+from moe_core.grpc_server import format_ids
 from moe_core.precision import Precision
+from router.profiler import StepProfiler, timed
 
 if TYPE_CHECKING:
     from expert_worker.experts import ExpertShard
+
+
+class ExpertsUnavailableError(RuntimeError):
+    """No live worker serves some experts that tokens chose (a backend's FAIL policy)."""
+
+    def __init__(self, layer: int, experts: list[int], rows: torch.Tensor) -> None:
+        super().__init__(
+            f"no expert worker serves experts {format_ids(experts)} (layer {layer}): their "
+            "workers are down and no replica is left"
+        )
+        self.layer = layer
+        self.experts = experts
+        self.rows = rows  # [n] int64 token rows of the dispatched x that chose them
+
+    def shifted(self, offset: int) -> ExpertsUnavailableError:
+        """The same error with rows counted from `offset` (a micro-batch's place in its step)."""
+        return ExpertsUnavailableError(self.layer, self.experts, self.rows + offset)
 
 
 class ExpertBackend(Protocol):
@@ -28,6 +47,13 @@ class ExpertBackend(Protocol):
 
     def combine(self, handle: Any) -> torch.Tensor:
         """-> [T, H] float32: sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t])."""
+
+    def take_dropped(self) -> dict[int, set[int]]:
+        """Experts left out of each token row's top-k since the last call (token row of the
+        dispatched x -> global expert ids); empty when every chosen expert ran."""
+
+    def take_wait_seconds(self) -> float:
+        """Seconds `combine` spent waiting for experts computed elsewhere since the last call."""
 
 
 @dataclass
@@ -51,6 +77,7 @@ class LocalExpertBackend:
                 f"{shard.spec.num_experts}"
             )
         self.shard = shard
+        self.profiler: StepProfiler | None = None  # times the experts as phase "experts"
 
     def dispatch(
         self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
@@ -67,7 +94,14 @@ class LocalExpertBackend:
         return _LocalHandle(layer, x, scales, ids, weights, caller)
 
     def combine(self, handle: _LocalHandle) -> torch.Tensor:
-        out = self.shard.forward(
-            handle.layer, handle.x, handle.x_scales, handle.topk_ids, handle.topk_weights
-        )
+        with timed(self.profiler, "experts"):
+            out = self.shard.forward(
+                handle.layer, handle.x, handle.x_scales, handle.topk_ids, handle.topk_weights
+            )
         return out.to(handle.device)  # [T, H] float32
+
+    def take_dropped(self) -> dict[int, set[int]]:
+        return {}  # every expert is here
+
+    def take_wait_seconds(self) -> float:
+        return 0.0  # computed in the caller's thread: nothing to overlap

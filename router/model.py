@@ -7,11 +7,20 @@ R = rows whose logits are returned, V = vocabulary.
 the KV cache, then a dense MLP or an MoE layer) and returns the logits of `batch.logits_rows`.
 An MoE layer gates in float32, hands its tokens to the expert backend (`dispatch`), computes its
 shared experts meanwhile, and adds the backend's `combine` result.
+
+`forward_overlapped(batches, cache)` runs several micro-batches of one step in ping-pong: each
+micro-batch's forward pauses after every MoE dispatch, and the next one computes its attention
+while the first one's tokens are at the experts.
+
+`set_profiler` attaches a `router.profiler.StepProfiler` (None by default: no timing at all); the
+layers then time their phases, and the engine closes each step with `finish_step`.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Generator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +34,10 @@ from moe_core.checkpoint import Checkpoint
 from moe_core.errors import UnsupportedModelError
 from moe_core.naming import load_dense
 from moe_core.spec import ModelSpec
-from router.expert_backend import ExpertBackend
+from router.expert_backend import ExpertBackend, ExpertsUnavailableError
 from router.gating import Gate
+from router.profiler import StepProfiler
+from router.profiler import timed as _phase
 
 
 class DenseMLP(nn.Module):
@@ -49,6 +60,7 @@ class MoELayer(nn.Module):
         super().__init__()
         self.layer = layer
         self.experts = experts  # not a module: the routed weights live elsewhere
+        self.profiler: StepProfiler | None = None
         self.gate = Gate(spec)
         self.shared = None
         self.shared_gate = None
@@ -58,15 +70,36 @@ class MoELayer(nn.Module):
             self.shared_gate = nn.Linear(spec.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        topk_ids, topk_weights = self.gate(x)  # [T, k] int64, [T, k] float32
-        handle = self.experts.dispatch(self.layer, x, topk_ids, topk_weights)
+        return self.finish(self.start(x))
+
+    def start(self, x: torch.Tensor) -> _PendingMoE:
+        """Gates and dispatches x [T, H], then computes the shared experts while the routed ones
+        run elsewhere."""
+        profiler = self.profiler
+        with _phase(profiler, "gating"):
+            topk_ids, topk_weights = self.gate(x)  # [T, k] int64, [T, k] float32
+        with _phase(profiler, "dispatch"):
+            handle = self.experts.dispatch(self.layer, x, topk_ids, topk_weights)
         shared = None
         if self.shared is not None:
-            shared = self.shared(x)  # [T, H]
-            if self.shared_gate is not None:
-                shared = torch.sigmoid(self.shared_gate(x)) * shared  # [T, H]
-        routed = self.experts.combine(handle).to(x.dtype)  # [T, H]
-        return routed if shared is None else routed + shared
+            with _phase(profiler, "shared_experts"):
+                shared = self.shared(x)  # [T, H]
+                if self.shared_gate is not None:
+                    shared = torch.sigmoid(self.shared_gate(x)) * shared  # [T, H]
+        return _PendingMoE(handle, shared, x.dtype)
+
+    def finish(self, pending: _PendingMoE) -> torch.Tensor:
+        """Waits for the routed experts -> [T, H], the layer's output."""
+        with _phase(self.profiler, "combine"):
+            routed = self.experts.combine(pending.handle).to(pending.dtype)  # [T, H]
+            return routed if pending.shared is None else routed + pending.shared
+
+
+@dataclass
+class _PendingMoE:
+    handle: object  # the backend's dispatch handle
+    shared: torch.Tensor | None  # [T, H] shared experts' output
+    dtype: torch.dtype
 
 
 class DecoderLayer(nn.Module):
@@ -77,14 +110,24 @@ class DecoderLayer(nn.Module):
         attention = MLAAttention if spec.attention.kind == "mla" else GQAAttention
         self.attn = attention(spec, layer)
         self.mlp_norm = RMSNorm(spec.hidden_size, eps)
-        if layer in spec.moe_layers:
+        self.is_moe = layer in spec.moe_layers
+        if self.is_moe:
             self.mlp = MoELayer(spec, layer, experts)
         else:
             self.mlp = DenseMLP(spec.hidden_size, spec.intermediate_size, spec.mlp_bias)
+        self.profiler: StepProfiler | None = None
 
-    def forward(self, x, layout, cache, rope, cos, sin) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), layout, cache, rope, cos, sin)  # [T, H]
-        return x + self.mlp(self.mlp_norm(x))  # [T, H]
+    def steps(self, x, layout, cache, rope, cos, sin) -> Generator[None, None, torch.Tensor]:
+        """The layer's forward of x [T, H] -> [T, H], pausing once while an MoE layer's tokens
+        are at the experts (`MoEModel` drives it)."""
+        with _phase(self.profiler, "attention"):
+            x = x + self.attn(self.attn_norm(x), layout, cache, rope, cos, sin)  # [T, H]
+        if not self.is_moe:
+            with _phase(self.profiler, "dense_mlp"):
+                return x + self.mlp(self.mlp_norm(x))  # [T, H]
+        pending = self.mlp.start(self.mlp_norm(x))  # the MoE layer times its own phases
+        yield
+        return x + self.mlp.finish(pending)  # [T, H]
 
 
 class MoEModel(nn.Module):
@@ -99,23 +142,92 @@ class MoEModel(nn.Module):
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.profiler: StepProfiler | None = None
 
     @property
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
 
+    def set_profiler(self, profiler: StepProfiler | None) -> None:
+        """Times the phases of every step with profiler (None: stop timing)."""
+        self.profiler = profiler
+        for layer in self.layers:
+            layer.profiler = profiler
+            if layer.is_moe:
+                layer.mlp.profiler = profiler
+        if hasattr(self.experts, "profiler"):
+            self.experts.profiler = profiler
+
+    def phase(self, name: str):
+        """A context that times `name` when profiling (the engine's sampling), else nothing."""
+        return _phase(self.profiler, name)
+
+    def finish_step(self) -> None:
+        """Ends the profiled step that `forward` started (no-op without a profiler)."""
+        if self.profiler is not None:
+            self.profiler.finish_step()
+
     @torch.no_grad()
     def forward(self, batch: StepBatch, cache: KVCache) -> torch.Tensor:
         """-> logits [R, V] float32 of batch.logits_rows; writes the step's keys to the cache."""
+        steps = self._steps(batch, cache)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    @torch.no_grad()
+    def forward_overlapped(
+        self, batches: list[StepBatch], cache: KVCache
+    ) -> tuple[list[torch.Tensor], list[dict[int, set[int]]]]:
+        """The micro-batches of one step (disjoint sequences), interleaved layer by layer ->
+        (logits [R_i, V] float32, the experts dropped per token row (`take_dropped`)) of each.
+
+        Round robin: a micro-batch runs until its next dispatch, then the next one runs, so each
+        one's attention overlaps the others' expert calls. An ExpertsUnavailableError's rows are
+        made rows of the step (micro-batches' tokens in order)."""
+        running = [self._steps(batch, cache) for batch in batches]
+        offsets = [0]
+        for batch in batches[:-1]:
+            offsets.append(offsets[-1] + batch.num_tokens)
+        logits: list[torch.Tensor | None] = [None] * len(batches)
+        dropped: list[dict[int, set[int]]] = [{} for _ in batches]
+        try:
+            while any(steps is not None for steps in running):
+                for i, steps in enumerate(running):
+                    if steps is None:
+                        continue
+                    try:
+                        next(steps)
+                    except StopIteration as done:
+                        logits[i], running[i] = done.value, None
+                    except ExpertsUnavailableError as err:
+                        raise err.shifted(offsets[i]) from err
+                    finally:
+                        for row, experts in self.experts.take_dropped().items():
+                            dropped[i].setdefault(row, set()).update(experts)
+        finally:
+            for steps in running:
+                if steps is not None:
+                    steps.close()
+        return logits, dropped
+
+    def _steps(self, batch: StepBatch, cache: KVCache) -> Generator[None, None, torch.Tensor]:
+        """forward, pausing after each MoE layer's dispatch."""
         lengths = [c + n for c, n in zip(batch.num_cached, batch.num_new, strict=True)]
         cache.check(batch.slots, lengths)
-        layout = batch.layout()
-        x = self.embed(batch.token_ids)  # [T, H]
-        cos, sin = self.rope(batch.positions, x.dtype)  # [T, d/2] each
+        if self.profiler is not None:
+            self.profiler.start_step(decode=max(batch.num_new) == 1)
+        with _phase(self.profiler, "embed"):
+            layout = batch.layout()
+            x = self.embed(batch.token_ids)  # [T, H]
+            cos, sin = self.rope(batch.positions, x.dtype)  # [T, d/2] each
         for layer in self.layers:
-            x = layer(x, layout, cache, self.rope, cos, sin)  # [T, H]
-        x = self.norm(x[batch.logits_rows])  # [R, H]
-        return self.lm_head(x).float()  # [R, V]
+            x = yield from layer.steps(x, layout, cache, self.rope, cos, sin)  # [T, H]
+        with _phase(self.profiler, "lm_head"):
+            x = self.norm(x[batch.logits_rows])  # [R, H]
+            return self.lm_head(x).float()  # [R, V]
 
 
 def load_model(

@@ -65,7 +65,9 @@ def sample_one(
     """[V] float32 logits -> the next token id."""
     if params.greedy:
         return int(torch.argmax(logits))
-    scaled = filter_logits(logits.float().cpu() / params.temperature, params.top_k, params.top_p)
+    logits = logits.float().cpu()
+    # shifted so that the largest is 0: a tiny temperature gives -inf, never inf - inf = NaN
+    scaled = filter_logits((logits - logits.max()) / params.temperature, params.top_k, params.top_p)
     probs = torch.softmax(scaled, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
 

@@ -149,6 +149,15 @@ class Scheduler:
             self._finish(seq, FinishReason.FAILED)
         self._in_flight.clear()
 
+    def drop(self, step: ScheduledStep, seqs: set[Sequence]) -> ScheduledStep:
+        """Some sequences of a step that could not be computed finish as FAILED; the rest form
+        the step to compute again (their cache positions are written again, same values)."""
+        for seq in seqs:
+            self._finish(seq, FinishReason.FAILED)
+            self._in_flight.discard(seq)
+        kept = [(s, e) for s, e in zip(step.seqs, step.entries, strict=True) if s not in seqs]
+        return ScheduledStep(seqs=[s for s, _ in kept], entries=[e for _, e in kept])
+
     def abort(self, seq: Sequence) -> None:
         """The caller went away: drop the sequence now, or when its step ends if in flight."""
         if seq.finished:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -77,7 +78,8 @@ class Output:
 def test_up_serves_generate_talks_to_it_and_sigterm_stops_every_process(checkpoints):
     model_dir = checkpoints.get("qwen2_moe")
     up = subprocess.Popen(
-        cli("up", "--model", str(model_dir), "--workers", "2", "--port", "0", "--device", "cpu"),
+        cli("up", "--model", str(model_dir), "--workers", "2", "--port", "0", "--device", "cpu")
+        + ["--forwarders", "1", "--fronts", "1"],
         env=env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -87,8 +89,11 @@ def test_up_serves_generate_talks_to_it_and_sigterm_stops_every_process(checkpoi
     try:
         output = Output(up.stdout)
         address = output.wait_for(r"serving \S+ \(qwen2_moe\) on (\S+)", timeout=180).group(1)
+        metrics_urls = {}
         for name in ("router", "worker-0", "worker-1"):
-            children.append(int(output.wait_for(rf"^\s+{name}\s+(\d+)\s", timeout=10).group(1)))
+            row = output.wait_for(rf"^\s+{name}\s+(\d+)\s+\S+\s+(\S+)\s", timeout=10)
+            children.append(int(row.group(1)))
+            metrics_urls[name] = row.group(2)
 
         gen = subprocess.run(
             cli("generate", "--address", address, "--token-ids", "--max-new-tokens", "5")
@@ -103,6 +108,17 @@ def test_up_serves_generate_talks_to_it_and_sigterm_stops_every_process(checkpoi
             expected = client.generate(token_ids=[3, 1, 4, 1, 5], max_new_tokens=5, ignore_eos=True)
         assert [int(t) for t in gen.stdout.split()] == expected.token_ids
         assert "[length: 5 tokens after 5 prompt tokens" in gen.stderr
+
+        def scrape(name: str) -> str:
+            assert re.fullmatch(r"http://127\.0\.0\.1:\d+/metrics", metrics_urls[name])
+            with urllib.request.urlopen(metrics_urls[name], timeout=10) as reply:
+                return reply.read().decode()
+
+        router_metrics = scrape("router")
+        assert 'moe_router_requests_total{method="Generate",outcome="ok"} 2.0' in router_metrics
+        assert "moe_router_forwarder_starts_total 1.0" in router_metrics
+        for worker in ("worker-0", "worker-1"):
+            assert re.search(r"^moe_worker_batches_total [1-9]", scrape(worker), re.MULTILINE)
 
         up.send_signal(signal.SIGTERM)
         assert up.wait(timeout=60) == 0

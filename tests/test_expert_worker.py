@@ -7,6 +7,7 @@ The tiny Qwen3-MoE checkpoint of tests/hf_models.py: hidden 64, 3 layers of whic
 import asyncio
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -38,7 +39,8 @@ SERVICE = "moe_cluster.v1.ExpertService"
 def start_worker(model: Path, folder: Path, *args: str) -> subprocess.Popen:
     """Starts a worker writing its port to folder/port and its log to folder/log."""
     command = [sys.executable, "-m", "expert_worker", "serve", "--model", str(model)]
-    command += ["--host", "127.0.0.1", "--port", "0", "--port-file", str(folder / "port"), *args]
+    command += ["--host", "127.0.0.1", "--port", "0", "--port-file", str(folder / "port")]
+    command += ["--insecure", *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with open(folder / "log", "w") as log:  # a file, not a pipe: a full pipe would block it
         return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -196,6 +198,11 @@ def _bad_requests():
                 setattr(request, name, value)
         return request
 
+    nan_x = x.clone()
+    nan_x[1, 5] = float("nan")
+    inf_x = x.clone()
+    inf_x[2, 0] = float("-inf")
+    inf_data = tf.encode_tokens(inf_x, "fp32").data
     nan_weights = weights.clone()
     nan_weights[2, 0] = float("nan")
     not_held = ids.clone()
@@ -227,7 +234,10 @@ def _bad_requests():
         ),
         "short ids": (changed(expert_ids=bytes(8)), "expert_ids (int32): expected 24 bytes"),
         "short weights": (changed(expert_weights=bytes(4)), "expert_weights (float32): expected"),
-        "no slots": (changed(slots=0), "slots must be at least 1"),
+        "no slots": (changed(slots=0), "slots must be in 1..16 (the model's experts), got 0"),
+        "huge slots": (changed(slots=2**32 - 1), "slots must be in 1..16"),
+        "nan token": (make_request(nan_x, ids, weights), "tokens: non-finite value at row 1"),
+        "inf fp32 token": (changed(tokens_data=inf_data), "tokens: non-finite value at row 2"),
         "fp8 result": (changed(result_format=tf.FP8), "result_format TOKEN_FORMAT_FP8 is not"),
     }
 
@@ -300,6 +310,20 @@ def test_fp8_shard_through_the_service_functions(model):
         service.forward(shard, make_request(x, ids, weights, precision="fp32"))
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "takes TOKEN_FORMAT_FP8" in info.value.message
+    # NaN or Inf in the FP8 scales, and the FP8 NaN code in the data, are refused
+    for field, offset, value, message in [
+        ("scales", 4 * 3, struct.pack("<f", float("nan")), "tokens (FP8 scales): non-finite"),
+        ("scales", 0, struct.pack("<f", float("inf")), "tokens (FP8 scales): non-finite"),
+        ("data", HIDDEN + 7, b"\xff", "tokens: non-finite value at row 1, column 7"),
+    ]:
+        bad = make_request(x, ids, weights, precision="fp8", result=tf.FP32)
+        raw = bytearray(getattr(bad.tokens, field))
+        raw[offset : offset + len(value)] = value
+        setattr(bad.tokens, field, bytes(raw))
+        with pytest.raises(service.RequestError) as info:
+            service.forward(shard, bad)
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert message in info.value.message
     assert service.worker_info(shard).precision == "fp8"
 
 

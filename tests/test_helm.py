@@ -9,8 +9,10 @@ NetworkPolicy, the workers' shard assignment (run through a real shell) and name
 
 from __future__ import annotations
 
+import ast
 import copy
 import functools
+import inspect
 import json
 import os
 import re
@@ -40,8 +42,11 @@ TLS = {
 }
 VALUE_SETS = {
     "defaults": {},
-    "replicas-per-shard-2": {"expertWorkers": {"replicasPerShard": 2}},
-    "four-shards": {"expertWorkers": {"numShards": 4, "replicasPerShard": 2}},
+    "replicas-per-shard-2": {
+        "expertWorkers": {"replicasPerShard": 2},
+        "router": {"onExpertLoss": "degrade", "forwarders": 4},
+    },
+    "four-shards": {"expertWorkers": {"numShards": 4, "replicasPerShard": 2, "fronts": 2}},
     "tls": TLS,
     "monitoring": {
         "monitoring": {
@@ -630,6 +635,20 @@ def test_model_volume_from_a_host_path():
             assert volume["hostPath"] == {"path": "/var/lib/models", "type": "Directory"}
 
 
+def sdk_keywords(script: str) -> set[str]:
+    """Keyword arguments of the moe_client.Client(...) call in script; each must exist."""
+    from moe_client import Client
+
+    (call,) = [
+        node
+        for node in ast.walk(ast.parse(script))
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "Client"
+    ]
+    keywords = {k.arg for k in call.keywords}
+    assert keywords <= set(inspect.signature(Client).parameters), keywords
+    return keywords
+
+
 def test_tls_and_token_flags_name_files_mounted_from_the_secrets():
     docs = render(TLS)
     for kind, pod, spec, _ in pod_specs(docs):
@@ -651,6 +670,7 @@ def test_tls_and_token_flags_name_files_mounted_from_the_secrets():
             compile(script, "test-connection", "exec")
             for path in re.findall(r'"(/etc/moe-cluster/[^"]+)"', script):
                 assert path in mounted, path
+            assert sdk_keywords(script) == {"tls_ca", "token_file"}
             continue
         args = container["args"]
         expected = {
@@ -661,8 +681,20 @@ def test_tls_and_token_flags_name_files_mounted_from_the_secrets():
         }
         for flag, source in expected.items():
             assert mounted[args[args.index(flag) + 1]] == source, f"{pod} {flag}"
-    plain = only(render({}), "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert not {"--tls-cert", "--auth-token-file"} & set(plain)
+        assert "--insecure" not in args and "--worker-tls-server-name" not in args
+    for kind, _, spec, _ in pod_specs(render({})):
+        if kind != "Pod":  # the servers refuse plaintext unless told --insecure
+            plain = spec["containers"][0]["args"]
+            assert "--insecure" in plain
+            assert not {"--tls-cert", "--auth-token-file", "--worker-tls-server-name"} & set(plain)
+
+
+def test_router_checks_a_configured_name_in_the_workers_certificates():
+    docs = render(merged(TLS, {"tls": {"workerServerName": "expert-worker.llm.svc"}}))
+    router = only(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert router[router.index("--worker-tls-server-name") + 1] == "expert-worker.llm.svc"
+    workers = only(docs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--worker-tls-server-name" not in workers
 
 
 def test_monitors_scrape_the_metrics_ports():
@@ -723,6 +755,12 @@ def test_notes_tell_how_to_reach_the_router():
     notes = render_files({})["moe-cluster/templates/NOTES.txt"]
     assert "kubectl -n llm port-forward svc/moe-moe-cluster-router 50051:50051" in notes
     assert "helm test moe -n llm" in notes
+    assert sdk_keywords(re.search(r'python -c "(.*)"', notes).group(1)) == set()
+    secured = render_files(TLS)["moe-cluster/templates/NOTES.txt"]
+    example = re.search(r'python -c "(.*)"', secured).group(1)
+    assert sdk_keywords(example) == {"tls_ca", "token_file"}
+    assert "get secret moe-ca -o jsonpath='{.data.ca\\.crt}'" in secured
+    assert "get secret moe-token -o jsonpath='{.data.token}'" in secured
 
 
 # --- the exec health probe against a real gRPC health server ----------------------------------
@@ -760,3 +798,25 @@ def test_exec_probe_reports_the_grpc_health_status():
         assert probe() == 0
     finally:
         server.stop(grace=None)
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_the_components_accept_every_argument_the_chart_passes(name):
+    from expert_worker.main import build_parser as worker_parser
+    from router.main import build_parser as router_parser
+    from router.main import config_from_args
+
+    docs = render(VALUE_SETS[name])
+    router = only(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    args = router_parser().parse_args(router["args"])  # SystemExit on an unknown option
+    config = config_from_args(args)
+    values = VALUE_SETS[name].get("router", {})
+    assert config.on_expert_loss.value == values.get("onExpertLoss", "fail")
+    assert config.forwarders == values.get("forwarders", 0)
+    grace = only(docs, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert 0 < args.grace < grace  # the drain ends before the kubelet kills
+    worker = only(docs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+    # the container runs a shell that adds --shard from the pod ordinal
+    args = worker_parser().parse_args(["serve", "--shard", "0/1", *worker["args"]])
+    assert args.grace > 0
+    assert args.fronts == VALUE_SETS[name].get("expertWorkers", {}).get("fronts", 0)

@@ -31,10 +31,13 @@ EPI_WEIGHTED_ADD = 2  # out[row_token[r]] += row_weight[r] * C[r] in float32
 # producer warpgroup, a TMA ring of STAGES stages, a persistent grid of at most one CTA per SM.
 # MCAST=2: clusters of two CTAs share a tile by TMA multicast: the A tile (two adjacent N tiles,
 # suffix x2) or, MCAST_B=1, the B tile (two adjacent M tiles of one group, suffix b2).
+# CHUNK=64 (suffix c64): each consumer warpgroup runs software-pipelined wgmma m64n64k32 chunks
+# with two partial sets, so its promotions overlap its own next chunk (grouped_gemm_tma.cu).
 CONFIGS: dict[str, dict[str, int]] = {
     "tma128n256b2": dict(TMA=1, BM=128, BN=256, STAGES=4, MCAST=2, MCAST_B=1),
     "tma128n256x2": dict(TMA=1, BM=128, BN=256, STAGES=4, MCAST=2),
     "tma128n256": dict(TMA=1, BM=128, BN=256, STAGES=4, MCAST=1),
+    "tma128n256c64": dict(TMA=1, BM=128, BN=256, STAGES=4, MCAST=1, CHUNK=64),
     "tma128": dict(TMA=1, BM=128, BN=128, STAGES=6, MCAST=1),
     "wg128": dict(WGMMA=1, BM=128, BN=128, WM=8, WN=1, STAGES=6),
     "wg128n256": dict(WGMMA=1, BM=128, BN=256, WM=8, WN=1, STAGES=4),
@@ -47,6 +50,7 @@ CONFIGS: dict[str, dict[str, int]] = {
     "swiglu_tma128b2": dict(TMA=1, BM=128, BN=256, STAGES=4, MCAST=2, MCAST_B=1),
     "swiglu_tma128x2": dict(TMA=1, BM=128, BN=256, STAGES=4, MCAST=2),
     "swiglu_tma128": dict(TMA=1, BM=128, BN=256, STAGES=4, MCAST=1),
+    "swiglu_tma128c64": dict(TMA=1, BM=128, BN=256, STAGES=4, MCAST=1, CHUNK=64),
     "swiglu_wg128": dict(WGMMA=1, BM=128, BN=256, WM=8, WN=1, STAGES=4),
     "swiglu_wg64": dict(WGMMA=1, BM=64, BN=256, WM=4, WN=1, STAGES=4),
     "swiglu_m64": dict(BM=64, BN=256, WM=2, WN=4, STAGES=4),

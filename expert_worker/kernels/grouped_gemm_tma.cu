@@ -40,6 +40,16 @@
 //           scatter-add (see grouped_gemm.cu)
 //   MCAST   1, or 2: clusters of two CTAs share a tile by TMA multicast
 //   MCAST_B 0: the cluster shares A (needs N / BN even); 1: the cluster shares B (BN == 256)
+//   CHUNK   128: each warpgroup multiplies an n128 sub-tile into 64 partial registers, waits and
+//           promotes, twice per k-block at BN = 256 (the tensor cores stay busy only through the
+//           other warpgroup). 64: software-pipelined n64 chunks: wgmma m64n64k32 into one of two
+//           32-register partial sets while the other set is promoted, so each warpgroup keeps a
+//           chunk in flight across its own promotion (wait_group 1) and across k-blocks.
+//   PROBE   timing experiments only, results are wrong (never in CONFIGS): 1 skips the promotion
+//           but for the last k-block, 2 loads each stage of the ring once (the first tile) and
+//           then only signals it, 3 makes the consumers wait for and free each stage without
+//           any wgmma. They separate the cost of the promotion, of the operand feed and of the
+//           math (docs/kernels.md).
 
 #include "common.cuh"
 
@@ -61,6 +71,12 @@
 #ifndef MCAST_B
 #define MCAST_B 0
 #endif
+#ifndef CHUNK
+#define CHUNK 128
+#endif
+#ifndef PROBE
+#define PROBE 0
+#endif
 
 #define BK 128
 #define CONSUMERS (BM / 64)                  // consumer warpgroups
@@ -78,6 +94,7 @@ static_assert(BN == 128 || BN == 256, "BN: one or two n128 sub-tiles");
 static_assert(EPI != 1 || BN == 256, "the SwiGLU epilogue covers 128 gate + 128 up columns");
 static_assert(MCAST == 1 || MCAST == 2, "MCAST: one CTA, or clusters of two");
 static_assert(!SHARE_B || NSUB % MCAST == 0, "sharing B: each CTA loads NSUB / MCAST n128 halves");
+static_assert(CHUNK == 128 || (CHUNK == 64 && BN == 256), "CHUNK 64: four n64 chunks per k-block");
 
 // Registers per thread after setmaxnreg (two consumer warpgroups): 40 x 128 + 232 x 256 <= 64K.
 #define PRODUCER_REGS 40
@@ -195,6 +212,7 @@ __device__ __forceinline__ void produce(const TensorMap* map_a, const TensorMap*
   const int units = N / BN / (SHARE_A ? MCAST : 1), KB = K / BK;  // units per m-tile
   const int rank = MCAST > 1 ? cluster_rank() : 0;
   int s = 0, phase = 0;
+  bool first = true;  // PROBE 2: the first tile fills the ring, later stages are only signalled
   for (int unit = blockIdx.x / MCAST;; unit += gridDim.x / MCAST) {
     int g, row0, rows, n_tile;
     if (!unit_tile(counts, G, unit, units, rank, g, row0, rows, n_tile)) break;
@@ -203,6 +221,14 @@ __device__ __forceinline__ void produce(const TensorMap* map_a, const TensorMap*
       for (int kb = 0; kb < KB; ++kb) {
         mbar_wait(empty_bar + 8 * s, phase ^ 1);  // a fresh barrier passes parity 1 at once
         const u32 dst = ring + s * STAGE_BYTES, bar = full_bar + 8 * s;
+        if (PROBE == 2 && !(first && kb < STAGES)) {
+          mbar_arrive(bar);
+          if (++s == STAGES) {
+            s = 0;
+            phase ^= 1;
+          }
+          continue;
+        }
         // Bytes landing here: all of A (both halves when shared) unless no rows, all of B.
         mbar_arrive_expect_tx(bar, alive ? STAGE_BYTES : B_BYTES);
 #if SHARE_A
@@ -228,6 +254,7 @@ __device__ __forceinline__ void produce(const TensorMap* map_a, const TensorMap*
         }
       }
     }
+    first = false;
     __syncwarp();
   }
 }
@@ -240,6 +267,77 @@ __device__ __forceinline__ void release(u32 empty, int lane) {
 #else
   if (lane == 0) mbar_arrive(empty);
 #endif
+}
+
+// CHUNK 64: issue chunk c (columns 64 c .. 64 c + 63 of the tile) of the stage at `stage` into
+// the partial set p: four wgmma m64n64k32 over the k-block, one commit group.
+__device__ __forceinline__ void issue_n64(float* p, u32 stage, int wg, int c) {
+  const u64 da = wgmma_desc(stage + wg * 64 * BK);
+  const u64 db = wgmma_desc(stage + A_BYTES + c * 64 * BK);  // 64 rows of 128 bytes: 8 KB
+  fence_regs<32>(p);
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < BK / 32; ++ks) wgmma_m64n64k32(p, da + 2 * ks, db + 2 * ks, ks);
+  wgmma_commit();  // no register fence here: p belongs to the wgmma until a wait covers it
+}
+
+// acc[32 C + 4 j + v] += p[4 j + v] * (v < 2 ? s0 : s1): the layout of acc is that of the n128
+// path (acc[sub * 64 + 4 j' + v], j' = 8 (C & 1) + j), so the epilogues are shared.
+template <int C>
+__device__ __forceinline__ void promote_n64(float* acc, const float* p, float s0, float s1) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    acc[32 * C + 4 * j + 0] += p[4 * j + 0] * s0;
+    acc[32 * C + 4 * j + 1] += p[4 * j + 1] * s0;
+    acc[32 * C + 4 * j + 2] += p[4 * j + 2] * s1;
+    acc[32 * C + 4 * j + 3] += p[4 * j + 3] * s1;
+  }
+}
+
+// CHUNK 64: one k-block (stage s). Chunks 0..3 go alternately into p0 and p1; each is issued
+// before the previous one is waited for and promoted, so three of the four promotions run while
+// this warpgroup's next chunk is on the tensor cores (the fourth overlaps the other warpgroup's
+// wgmma only). Nothing stays in flight past the k-block: ptxas follows wait_group 1 only within
+// straight-line code and serialises every wgmma of the kernel otherwise (warning C7514).
+// Frees stage s, advances (s, phase) and the scales (sa0, sa1, sb: this k-block's on entry,
+// the next one's on exit).
+__device__ __forceinline__ void kblock_n64(float* acc, float* p0, float* p1, u32 ring, u32 full_bar,
+                                           u32 empty_bar, int& s, int& phase, int wg, int lane,
+                                           int kb, int KB, const float* sa_lo, const float* sa_hi,
+                                           const float* const* sb_row, float& sa0, float& sa1,
+                                           float* sb) {
+  // Next k-block's scales, loaded while this one multiplies.
+  const int kn = kb + 1 < KB ? kb + 1 : kb;
+  const float nsa0 = __ldg(sa_lo + kn), nsa1 = __ldg(sa_hi + kn);
+  const float nsb0 = __ldg(sb_row[0] + kn), nsb1 = __ldg(sb_row[1] + kn);
+  const bool promote = PROBE != 1 || kb == KB - 1;
+  const u32 stage = ring + s * STAGE_BYTES;
+  mbar_wait(full_bar + 8 * s, phase);
+  issue_n64(p0, stage, wg, 0);
+  issue_n64(p1, stage, wg, 1);
+  wgmma_wait1();
+  fence_regs<32>(p0);
+  if (promote) promote_n64<0>(acc, p0, sa0 * sb[0], sa1 * sb[0]);
+  issue_n64(p0, stage, wg, 2);
+  wgmma_wait1();
+  fence_regs<32>(p1);
+  if (promote) promote_n64<1>(acc, p1, sa0 * sb[0], sa1 * sb[0]);
+  issue_n64(p1, stage, wg, 3);
+  wgmma_wait1();
+  fence_regs<32>(p0);
+  if (promote) promote_n64<2>(acc, p0, sa0 * sb[1], sa1 * sb[1]);
+  wgmma_wait0();
+  fence_regs<32>(p1);
+  release(empty_bar + 8 * s, lane);  // all four chunks of this stage are read
+  if (promote) promote_n64<3>(acc, p1, sa0 * sb[1], sa1 * sb[1]);
+  if (++s == STAGES) {
+    s = 0;
+    phase ^= 1;
+  }
+  sa0 = nsa0;
+  sa1 = nsa1;
+  sb[0] = nsb0;
+  sb[1] = nsb1;
 }
 
 // Consumer warpgroups: per tile, multiply and promote every k-block, then run the epilogue.
@@ -275,6 +373,23 @@ __device__ __forceinline__ void consume(const float* __restrict__ SA, const floa
 #pragma unroll
     for (int sub = 0; sub < NSUB; ++sub) sb[sub] = __ldg(sb_row[sub]);
 
+#if CHUNK == 64
+    if (PROBE != 3 && alive) {
+      float p0[32], p1[32];
+      for (int kb = 0; kb < KB; ++kb)
+        kblock_n64(acc, p0, p1, ring, full_bar, empty_bar, s, phase, wg, lane, kb, KB, sa_lo,
+                   sa_hi, sb_row, sa0, sa1, sb);
+    } else {
+      for (int kb = 0; kb < KB; ++kb) {  // no rows here: the stage only carried B for the other CTA
+        mbar_wait(full_bar + 8 * s, phase);
+        release(empty_bar + 8 * s, lane);
+        if (++s == STAGES) {
+          s = 0;
+          phase ^= 1;
+        }
+      }
+    }
+#else
     for (int kb = 0; kb < KB; ++kb) {
       // Next k-block's scales, loaded while this one multiplies.
       const int kn = kb + 1 < KB ? kb + 1 : kb;
@@ -288,7 +403,7 @@ __device__ __forceinline__ void consume(const float* __restrict__ SA, const floa
       const u64 da = wgmma_desc(stage + wg * 64 * BK);
 #pragma unroll
       for (int sub = 0; sub < NSUB; ++sub) {
-        if (!alive) break;  // no rows here: the stage only carried B for the other CTA
+        if (!alive || PROBE == 3) break;  // no rows here: the stage only carried B for the other CTA
         float part[64];
         const u64 db = wgmma_desc(stage + A_BYTES + sub * 128 * BK);
         fence_regs<64>(part);
@@ -300,6 +415,7 @@ __device__ __forceinline__ void consume(const float* __restrict__ SA, const floa
         fence_regs<64>(part);
         if (sub == NSUB - 1) release(empty_bar + 8 * s, lane);  // stage read
         const float s0 = sa0 * sb[sub], s1 = sa1 * sb[sub];
+        if (PROBE == 1 && kb < KB - 1) continue;
 #pragma unroll
         for (int j = 0; j < 16; ++j) {
           acc[sub * 64 + 4 * j + 0] += part[4 * j + 0] * s0;
@@ -308,7 +424,7 @@ __device__ __forceinline__ void consume(const float* __restrict__ SA, const floa
           acc[sub * 64 + 4 * j + 3] += part[4 * j + 3] * s1;
         }
       }
-      if (!alive) release(empty_bar + 8 * s, lane);
+      if (!alive || PROBE == 3) release(empty_bar + 8 * s, lane);
       if (++s == STAGES) {
         s = 0;
         phase ^= 1;
@@ -318,6 +434,7 @@ __device__ __forceinline__ void consume(const float* __restrict__ SA, const floa
 #pragma unroll
       for (int sub = 0; sub < NSUB; ++sub) sb[sub] = nsb[sub];
     }
+#endif
 
     // -------------------------------------------------------------------------- epilogues
     // acc[sub * 64 + 4 j + v]: row r_lo (v = 0, 1) or r_lo + 8 (v = 2, 3), column

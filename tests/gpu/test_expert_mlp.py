@@ -124,7 +124,9 @@ def test_swiglu_quant(counts, h, i, config):
     check_swiglu(a, counts, h8, hs)
 
 
-@pytest.mark.parametrize("config", ["swiglu_tma128", "swiglu_tma128x2", "swiglu_tma128b2"])
+@pytest.mark.parametrize(
+    "config", ["swiglu_tma128", "swiglu_tma128c64", "swiglu_tma128x2", "swiglu_tma128b2"]
+)
 @pytest.mark.parametrize("max_ctas", [1, 4])
 def test_swiglu_persistent_grid(config, max_ctas):
     """v3 SwiGLU epilogue with many tiles per CTA (22 tiles, K = 5 k-blocks)."""
@@ -183,6 +185,8 @@ def test_expert_mlp(which, counts, h, i, num_tokens):
         ("tma128n256x2", 3),
         ("tma128n256", None),
         ("tma128n256", 3),
+        ("tma128n256c64", None),
+        ("tma128n256c64", 3),
         ("tma128", 5),
     ],
 )

@@ -103,7 +103,14 @@ def test_ragged_shapes(counts, n, k):
     assert run_case(counts, n, k, seed=len(counts) + n) <= TOL
 
 
-PREFILL_CONFIGS = ["wg128n256", "tma128n256b2", "tma128n256x2", "tma128n256", "tma128"]
+PREFILL_CONFIGS = [
+    "wg128n256",
+    "tma128n256b2",
+    "tma128n256x2",
+    "tma128n256",
+    "tma128n256c64",
+    "tma128",
+]
 TMA_CONFIGS = [c for c, v in CONFIGS.items() if v.get("TMA") and not c.startswith("swiglu")]
 
 

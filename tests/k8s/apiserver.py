@@ -6,6 +6,10 @@
         api = kube_apiserver.core_v1()              # kubernetes.client.CoreV1Api, admin token
         kube_apiserver.url, kube_apiserver.token, kube_apiserver.ca_file, kube_apiserver.kubeconfig
 
+    def test_restarts(own_kube_apiserver):          # a server of the test's own (function scope)
+        server = own_kube_apiserver()               # LocalApiServer; extra flags as arguments
+        server.info.core_v1(); server.restart_apiserver()  # same port, certificate, token, etcd
+
 The binary comes from scripts/build-kube-apiserver.sh (Kubernetes 1.20, built from Debian's source
 package): $MOE_KUBE_APISERVER, else the newest one in its cache, else `kube-apiserver` on PATH.
 etcd is $MOE_ETCD or `etcd` on PATH; service-account keys are made with openssl. When something
@@ -33,7 +37,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,29 +207,47 @@ def _write_kubeconfig(path: Path, url: str, ca_file: Path, token: str) -> None:
     path.write_text(json.dumps(config, indent=2))  # JSON is YAML: any kubeconfig reader takes it
 
 
-@contextlib.contextmanager
-def running_apiserver(workdir: Path, apiserver: Path, etcd: Path) -> Iterator[ApiServer]:
-    """Start etcd and kube-apiserver under `workdir`, yield when /readyz answers, always stop."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    etcd_port, peer_port, api_port = _free_port(), _free_port(), _free_port()
-    token = secrets.token_hex(16)
-    tokens = workdir / "tokens.csv"
-    tokens.write_text(f'{token},admin,admin,"system:masters"\n')
-    tokens.chmod(0o600)
-    sa_key, sa_pub = _service_account_keys(workdir)
-    cert_dir = workdir / "certs"
-    etcd_url = f"http://{HOST}:{etcd_port}"
-    etcd_log, api_log = workdir / "etcd.log", workdir / "kube-apiserver.log"
-    etcd_proc = api_proc = None
-    try:
+class LocalApiServer:
+    """etcd and kube-apiserver processes under `workdir`, all on 127.0.0.1.
+
+    `start()` brings both up; `stop_apiserver()` / `start_apiserver()` / `restart_apiserver()`
+    stop and start kube-apiserver alone, keeping etcd's data, the port, the serving certificate
+    and the admin token, so clients and kubeconfigs made before a restart work after it.
+    `extra_args` are added to kube-apiserver's command line (e.g. "--watch-cache=false").
+    """
+
+    def __init__(
+        self, workdir: Path, apiserver: Path, etcd: Path, extra_args: tuple[str, ...] = ()
+    ) -> None:
+        self.workdir = workdir
+        self._apiserver, self._etcd, self._extra_args = apiserver, etcd, tuple(extra_args)
+        self._etcd_proc: subprocess.Popen | None = None
+        self._api_proc: subprocess.Popen | None = None
+        self._api_port = 0
+        self._token = ""
+        self._etcd_url = ""
+        self.info: ApiServer | None = None  # set once start() returns
+
+    def start(self) -> ApiServer:
+        """Start etcd, then kube-apiserver; return when /readyz answers."""
+        workdir = self.workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        etcd_port, peer_port, self._api_port = _free_port(), _free_port(), _free_port()
+        self._token = secrets.token_hex(16)
+        tokens = workdir / "tokens.csv"
+        tokens.write_text(f'{self._token},admin,admin,"system:masters"\n')
+        tokens.chmod(0o600)
+        _service_account_keys(workdir)
+        self._etcd_url = f"http://{HOST}:{etcd_port}"
+        etcd_log = workdir / "etcd.log"
         with etcd_log.open("wb") as out:
-            etcd_proc = subprocess.Popen(
+            self._etcd_proc = subprocess.Popen(
                 [
-                    str(etcd),
+                    str(self._etcd),
                     "--name=moe-test",
                     f"--data-dir={workdir / 'etcd'}",
-                    f"--listen-client-urls={etcd_url}",
-                    f"--advertise-client-urls={etcd_url}",
+                    f"--listen-client-urls={self._etcd_url}",
+                    f"--advertise-client-urls={self._etcd_url}",
                     f"--listen-peer-urls=http://{HOST}:{peer_port}",
                     f"--initial-advertise-peer-urls=http://{HOST}:{peer_port}",
                     f"--initial-cluster=moe-test=http://{HOST}:{peer_port}",
@@ -237,58 +259,111 @@ def running_apiserver(workdir: Path, apiserver: Path, etcd: Path) -> Iterator[Ap
                 stdin=subprocess.DEVNULL,
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
-        _wait_ready("etcd", etcd_proc, etcd_log, etcd_port, "/health")
+        _wait_ready("etcd", self._etcd_proc, etcd_log, etcd_port, "/health")
+        ca_file = self.start_apiserver()
+        url = f"https://{HOST}:{self._api_port}"
+        kubeconfig = workdir / "kubeconfig"
+        _write_kubeconfig(kubeconfig, url, ca_file, self._token)
+        self.info = ApiServer(
+            url=url,
+            token=self._token,
+            ca_file=ca_file,
+            kubeconfig=kubeconfig,
+            etcd_url=self._etcd_url,
+        )
+        return self.info
 
-        with api_log.open("wb") as out:
-            api_proc = subprocess.Popen(
+    def start_apiserver(self) -> Path:
+        """Start kube-apiserver (again) on its port; return its CA file once /readyz answers."""
+        workdir = self.workdir
+        cert_dir = workdir / "certs"
+        api_log = workdir / "kube-apiserver.log"
+        with api_log.open("ab") as out:
+            self._api_proc = subprocess.Popen(
                 [
-                    str(apiserver),
-                    f"--etcd-servers={etcd_url}",
+                    str(self._apiserver),
+                    f"--etcd-servers={self._etcd_url}",
                     f"--bind-address={HOST}",
                     f"--advertise-address={HOST}",
-                    f"--secure-port={api_port}",
+                    f"--secure-port={self._api_port}",
                     "--insecure-port=0",
                     f"--cert-dir={cert_dir}",
-                    f"--token-auth-file={tokens}",
+                    f"--token-auth-file={workdir / 'tokens.csv'}",
                     "--authorization-mode=RBAC",
                     f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
-                    f"--service-account-key-file={sa_pub}",
-                    f"--service-account-signing-key-file={sa_key}",
+                    f"--service-account-key-file={workdir / 'sa.pub'}",
+                    f"--service-account-signing-key-file={workdir / 'sa.key'}",
                     "--service-cluster-ip-range=10.96.0.0/16",
                     "--endpoint-reconciler-type=none",
                     "--disable-admission-plugins=ServiceAccount",
                     "--profiling=false",
                     "--v=1",
+                    *self._extra_args,
                 ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
-        # The self-signed serving certificate is written at start; wait for it, then trust it.
+        # The self-signed serving certificate is written at first start (and kept in --cert-dir
+        # for later ones); wait for it, then trust it.
         ca_file = cert_dir / "apiserver.crt"
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while not ca_file.exists() and api_proc.poll() is None and time.monotonic() < deadline:
+        while not ca_file.exists() and self._api_proc.poll() is None:
+            if time.monotonic() > deadline:
+                break
             time.sleep(0.05)
         if not ca_file.exists():
             raise ApiServerUnavailable(f"kube-apiserver wrote no certificate:\n{_tail(api_log)}")
         context = ssl.create_default_context(cafile=str(ca_file))
-        _wait_ready("kube-apiserver", api_proc, api_log, api_port, "/readyz", context, token)
-
-        url = f"https://{HOST}:{api_port}"
-        kubeconfig = workdir / "kubeconfig"
-        _write_kubeconfig(kubeconfig, url, ca_file, token)
-        yield ApiServer(
-            url=url, token=token, ca_file=ca_file, kubeconfig=kubeconfig, etcd_url=etcd_url
+        _wait_ready(
+            "kube-apiserver",
+            self._api_proc,
+            api_log,
+            self._api_port,
+            "/readyz",
+            context,
+            self._token,
         )
+        return ca_file
+
+    def stop_apiserver(self, crash: bool = False) -> None:
+        """Stop kube-apiserver; etcd keeps running with all the data.
+
+        crash=False: SIGTERM, then SIGKILL after 10 s (a graceful stop waits for open watches to
+        end); crash=True: SIGKILL at once, as a crash or an OOM kill would.
+        """
+        if crash and self._api_proc is not None and self._api_proc.poll() is None:
+            self._api_proc.kill()
+            self._api_proc.wait(timeout=10)
+        _stop(self._api_proc)
+        self._api_proc = None
+
+    def restart_apiserver(self, crash: bool = False) -> None:
+        self.stop_apiserver(crash)
+        self.start_apiserver()
+
+    def close(self) -> None:
+        _stop(self._api_proc)
+        _stop(self._etcd_proc)
+        self._api_proc = self._etcd_proc = None
+
+
+@contextlib.contextmanager
+def running_apiserver(
+    workdir: Path, apiserver: Path, etcd: Path, extra_args: tuple[str, ...] = ()
+) -> Iterator[LocalApiServer]:
+    """Start etcd and kube-apiserver under `workdir`, yield when /readyz answers, always stop."""
+    server = LocalApiServer(workdir, apiserver, etcd, extra_args)
+    try:
+        server.start()
+        yield server
     finally:
-        _stop(api_proc)
-        _stop(etcd_proc)
+        server.close()
 
 
-@pytest.fixture(scope="session")
-def kube_apiserver(tmp_path_factory) -> Iterator[ApiServer]:
-    """One etcd + kube-apiserver for the session; tests isolate themselves by namespace."""
+def _tools() -> tuple[Path, Path]:
+    """The kube-apiserver and etcd binaries; skips (or fails, in CI) when something is missing."""
     apiserver, etcd = find_apiserver(), find_etcd()
     _require(
         apiserver is not None and apiserver.is_file() and os.access(apiserver, os.X_OK),
@@ -301,8 +376,42 @@ def kube_apiserver(tmp_path_factory) -> Iterator[ApiServer]:
         importlib.util.find_spec("kubernetes") is not None,
         "the kubernetes Python client is not installed (pip install the test extras)",
     )
+    return apiserver, etcd
+
+
+@pytest.fixture(scope="session")
+def kube_apiserver(tmp_path_factory) -> Iterator[ApiServer]:
+    """One etcd + kube-apiserver for the session; tests isolate themselves by namespace."""
+    apiserver, etcd = _tools()
     try:
         with running_apiserver(tmp_path_factory.mktemp("kube-apiserver"), apiserver, etcd) as api:
-            yield api
+            yield api.info
     except ApiServerUnavailable as err:
         pytest.fail(str(err), pytrace=False)
+
+
+@pytest.fixture
+def own_kube_apiserver(tmp_path_factory) -> Iterator[Callable[..., LocalApiServer]]:
+    """A factory of servers that belong to one test, which may restart them or pass flags:
+
+    server = own_kube_apiserver("--watch-cache=false")  # a started LocalApiServer
+    """
+    apiserver, etcd = _tools()
+    servers: list[LocalApiServer] = []
+
+    def start(*extra_args: str) -> LocalApiServer:
+        server = LocalApiServer(
+            tmp_path_factory.mktemp("own-kube-apiserver"), apiserver, etcd, extra_args
+        )
+        servers.append(server)
+        try:
+            server.start()
+        except ApiServerUnavailable as err:
+            pytest.fail(str(err), pytrace=False)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.close()

@@ -1,5 +1,5 @@
-"""The session's real kube-apiserver, for every test in this folder."""
+"""Real kube-apiservers for the tests in this folder: the shared one, and a test's own."""
 
-from .apiserver import kube_apiserver
+from .apiserver import kube_apiserver, own_kube_apiserver
 
-__all__ = ["kube_apiserver"]
+__all__ = ["kube_apiserver", "own_kube_apiserver"]

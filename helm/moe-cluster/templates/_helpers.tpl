@@ -152,7 +152,15 @@ combination fails the render with one readable message.
 {{- mul .Values.expertWorkers.numShards .Values.expertWorkers.replicasPerShard -}}
 {{- end -}}
 
-{{/* TLS and auth command-line flags. */}}
+{{/* --grace of a process: its pod's termination grace period less 5 s for the exit, at least 1. */}}
+{{- define "moe-cluster.drainSeconds" -}}
+{{- max 1 (sub (int .) 5) -}}
+{{- end -}}
+
+{{/*
+TLS and auth command-line flags of router and workers. The servers refuse to start without TLS
+unless told --insecure, so a chart without tls.enabled says so explicitly.
+*/}}
 {{- define "moe-cluster.securityArgs" -}}
 {{- if .Values.tls.enabled }}
 - --tls-cert
@@ -161,6 +169,8 @@ combination fails the render with one readable message.
 - /etc/moe-cluster/tls/tls.key
 - --tls-ca
 - /etc/moe-cluster/tls-ca/ca.crt
+{{- else }}
+- --insecure
 {{- end }}
 {{- if .Values.auth.tokenSecret }}
 - --auth-token-file
