@@ -31,8 +31,9 @@ for the workers, their longest compute in brackets), combine, sampling, and the 
 per token are the router's `moe_router_dispatch_bytes_total` (sent + received, all workers):
 per prompt token in the prefill run, per generated token in the decode steps.
 
-Memory (cluster): each process's GPU memory (nvidia-smi) and each worker's resident expert bytes
-and allocated/reserved bytes (its /metrics), after the runs. Section `soak`: the cluster of the
+Memory (cluster): each process's GPU memory (nvidia-smi), host RSS (its own, and the sum of its
+helper processes': forwarders, fronts) and each worker's resident expert bytes and
+allocated/reserved bytes (its /metrics), after the runs. Section `soak`: the cluster of the
 last --workers serves mixed batches (every --batches size above 1, in turn, prompt and 8 new
 tokens each) for --soak-seconds while memory is sampled every 10 s.
 
@@ -407,12 +408,40 @@ def gpu_memory_by_pid() -> dict[int, float]:
     return out
 
 
+def rss_mib(pid: int) -> float | None:
+    """The process's resident memory (VmRSS), MiB; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def children_of(pid: int) -> list[int]:
+    """The pids whose parent is pid (a router's forwarders, a worker's fronts)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                # the field after the parenthesized command name: state, then ppid
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry.name))
+    return out
+
+
 def memory_report(cluster, extra) -> dict:
-    """Per process: nvidia-smi MiB; per worker also resident expert bytes, allocated, reserved."""
+    """Per process: nvidia-smi MiB and host RSS MiB (its own, and its helper processes' sum);
+    per worker also resident expert bytes, allocated, reserved."""
     smi = gpu_memory_by_pid()
     report = {}
     for proc in [cluster.router, extra, *cluster.workers]:
-        entry = {"gpu_mib": smi.get(proc.popen.pid)}
+        pid = proc.popen.pid
+        helpers = [rss_mib(child) for child in children_of(pid)]
+        entry = {
+            "gpu_mib": smi.get(pid),
+            "rss_mib": rss_mib(pid),
+            "helpers_rss_mib": sum(r for r in helpers if r is not None),
+        }
         if proc.name.startswith("worker"):
             m = scrape(proc.metrics_url)
             for key in ("resident_weight_bytes", "gpu_memory_allocated_bytes"):
@@ -659,13 +688,16 @@ def print_table(rows: list[Row]) -> None:
 
 def print_memory(memory: dict) -> None:
     for workers, report in memory.items():
-        print(f"\nGPU memory, cluster of {workers} workers (at start / after the runs):")
-        print("| process | nvidia-smi MiB | expert bytes MiB | allocated MiB | reserved MiB |")
-        print("| --- | --- | --- | --- | --- |")
+        print(f"\nmemory, cluster of {workers} workers (at start / after the runs):")
+        print(
+            "| process | nvidia-smi MiB | RSS MiB | helpers' RSS MiB | expert bytes MiB "
+            "| allocated MiB | reserved MiB |"
+        )
+        print("| --- " * 7 + "|")
         rows = [(f"{n} (start)", e) for n, e in report["at_start"].items()]
         rows += list(report["after_runs"].items())
         for name, e in rows:
-            cells = [e.get("gpu_mib")] + [
+            cells = [e.get("gpu_mib"), e.get("rss_mib"), e.get("helpers_rss_mib")] + [
                 (e[k] / 2**20 if k in e else None)
                 for k in (
                     "resident_weight_bytes",
@@ -679,8 +711,9 @@ def print_memory(memory: dict) -> None:
         soak = report.get("soak")
         if soak:
             print(
-                f"\nsoak, {workers} workers: GPU memory per process over time, nvidia-smi MiB "
-                "(workers: allocator reserved MiB); tokens = prompt + generated tokens so far"
+                f"\nsoak, {workers} workers: memory per process over time: nvidia-smi MiB "
+                "(workers: allocator reserved MiB) / host RSS MiB (+ its helper processes' RSS); "
+                "tokens = prompt + generated tokens so far"
             )
             names = [n for n in soak[0] if n not in ("t", "tokens")]
             print("| s | tokens | " + " | ".join(names) + " |")
@@ -694,6 +727,10 @@ def _soak_cell(entry: dict) -> str:
     text = "-" if entry.get("gpu_mib") is None else f"{entry['gpu_mib']:,.0f}"
     if "gpu_memory_reserved_bytes" in entry:
         text += f" ({entry['gpu_memory_reserved_bytes'] / 2**20:,.0f})"
+    if entry.get("rss_mib") is not None:
+        text += f" / {entry['rss_mib']:,.0f}"
+        if entry.get("helpers_rss_mib"):
+            text += f" (+{entry['helpers_rss_mib']:,.0f})"
     return text
 
 

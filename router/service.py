@@ -41,7 +41,7 @@ from router.scheduler import FinishReason
 from router.tokenizer import IncrementalDetokenizer, Tokenizer
 from router.workers import WorkerPool
 
-_PROBE_TIMEOUT_S = 2.0  # GetInfo asks every worker whether it answers within this
+_PROBE_TIMEOUT_S = 2.0  # GetInfo waits this long at most for a worker's answer
 _FINISH_REASONS = {
     FinishReason.LENGTH: router_pb2.FINISH_REASON_LENGTH,
     FinishReason.STOP: router_pb2.FINISH_REASON_STOP,
@@ -254,13 +254,13 @@ def limits(config: RouterConfig) -> router_pb2.RouterLimits:
 
 async def cluster_info(router: Router, timeout_s: float | None = None) -> router_pb2.ClusterInfo:
     """The model, each worker with its experts, reachability and tokens sent so far, the load
-    and the limits. Workers are asked within _PROBE_TIMEOUT_S, or the caller's timeout_s if
-    shorter (its deadline)."""
+    and the limits. Reachability waits at most _PROBE_TIMEOUT_S, or the caller's timeout_s if
+    shorter (its deadline); the pool shares probes between callers (`WorkerPool.reachable`)."""
     spec, config, workers = router.spec, router.config, router.workers
     pool = workers.workers
     probe_s = _PROBE_TIMEOUT_S if timeout_s is None else max(0.0, min(_PROBE_TIMEOUT_S, timeout_s))
     with router.metrics.request("GetInfo"):
-        answers = await workers.probe(pool, probe_s)
+        answers = await workers.reachable(pool, probe_s)
     return router_pb2.ClusterInfo(
         architecture=spec.model_type,
         vocab_size=spec.vocab_size,

@@ -156,6 +156,7 @@ class WorkerPool:
         self._wake_probe = asyncio.Event()
         self._leaving: set[asyncio.Task] = set()  # channels of workers that left, closing
         self._forwarders: Forwarders | None = None
+        self._reachable: dict[str, _Reachability] = {}  # by address: `reachable`'s answers
         self._closed = False
 
     # -- membership --------------------------------------------------------------------------
@@ -216,6 +217,7 @@ class WorkerPool:
             gone = [w for a, w in self._workers.items() if a not in addresses]
             for worker in gone:
                 del self._workers[worker.address]
+                self._reachable.pop(worker.address, None)
             for address in added:
                 channel = self._make_channel(address)
                 stub = expert_pb2_grpc.ExpertServiceStub(channel)
@@ -372,18 +374,34 @@ class WorkerPool:
         with self._lock:
             return list(self._workers.values())
 
+    async def reachable(self, workers: list[Worker], timeout_s: float) -> list[bool]:
+        """Whether each worker answers GetInfo, as `probe` says, but shared: an answer younger
+        than `probe_interval_s` is reused and a probe in flight is awaited (within timeout_s),
+        so that frequent callers (dashboards, clients polling the router's GetInfo) cost the
+        workers at most one GetInfo per interval."""
+        loop = asyncio.get_running_loop()
+
+        async def one(worker: Worker) -> bool:
+            known = self._reachable.get(worker.address)
+            fresh = known is not None and known.worker is worker
+            if fresh and known.probe.done():
+                fresh = loop.time() - known.answered_at < self.config.probe_interval_s
+            if not fresh:
+                known = _Reachability(worker, answers(worker, self.config.probe_timeout_s), loop)
+                self._reachable[worker.address] = known
+            if known.probe.done():
+                return known.probe.result()
+            try:
+                return await asyncio.wait_for(asyncio.shield(known.probe), timeout_s)
+            except asyncio.TimeoutError:
+                return False
+
+        return list(await asyncio.gather(*(one(w) for w in workers)))
+
     @staticmethod
     async def probe(workers: list[Worker], timeout_s: float) -> list[bool]:
         """Asks these workers GetInfo now; True for those that answer within timeout_s."""
-
-        async def ping(worker: Worker) -> bool:
-            try:
-                await ask_info(worker, timeout_s)
-            except WorkerCallError:
-                return False
-            return True
-
-        return list(await asyncio.gather(*(ping(w) for w in workers)))
+        return list(await asyncio.gather(*(answers(w, timeout_s) for w in workers)))
 
     async def close(self) -> None:
         if self._membership is not None:
@@ -406,6 +424,25 @@ class WorkerPool:
 
 
 _PROBED = (WorkerState.PENDING, WorkerState.UNHEALTHY)
+
+
+class _Reachability:
+    """One worker's latest shared probe (`WorkerPool.reachable`) and when it answered."""
+
+    def __init__(self, worker: Worker, probe, loop: asyncio.AbstractEventLoop) -> None:
+        self.worker = worker
+        self.probe: asyncio.Future[bool] = asyncio.ensure_future(probe)
+        self.answered_at = loop.time()
+        self.probe.add_done_callback(lambda _: setattr(self, "answered_at", loop.time()))
+
+
+async def answers(worker: Worker, timeout_s: float) -> bool:
+    """True when the worker answers GetInfo within timeout_s."""
+    try:
+        await ask_info(worker, timeout_s)
+    except WorkerCallError:
+        return False
+    return True
 
 
 class WorkerCallError(Exception):

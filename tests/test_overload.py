@@ -228,13 +228,15 @@ def test_an_expired_deadline_is_deadline_exceeded_and_frees_its_slot(cluster, st
 
 def test_a_worker_refuses_forward_calls_over_its_limit_and_keeps_serving(cluster):
     gen = torch.Generator().manual_seed(0)
-    tokens = 8192  # a batch that takes about a tenth of a second on a CPU
+    # 8192 tokens, each sent to all 16 experts: several tenths of a second of compute on a CPU
+    # for 2 MiB of tokens, so the calls arrive while the first ones still compute
+    tokens, slots = 8192, 16
     request = expert_pb2.ExpertForwardRequest(
         layer=1,  # the tiny DeepSeek-V3's first MoE layer
         tokens=tf.encode_tokens(torch.randn(tokens, 64, generator=gen), "fp32"),
-        slots=2,
-        expert_ids=tf.pack_expert_ids(torch.randint(0, 16, (tokens, 2), generator=gen)),
-        expert_weights=tf.pack_expert_weights(torch.rand(tokens, 2, generator=gen)),
+        slots=slots,
+        expert_ids=tf.pack_expert_ids(torch.randperm(16, generator=gen).repeat(tokens, 1)),
+        expert_weights=tf.pack_expert_weights(torch.rand(tokens, slots, generator=gen)),
         result_format=tf.FP32,
     )
     unlimited = [("grpc.max_receive_message_length", -1)]
@@ -254,7 +256,7 @@ def test_a_worker_refuses_forward_calls_over_its_limit_and_keeps_serving(cluster
                 assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
                 assert f"--max-concurrent-forwards {MAX_FORWARDS}" in err.details()
                 refused.append(i)
-        assert len(accepted) >= MAX_FORWARDS and len(refused) >= 6, (len(accepted), len(refused))
+        assert len(accepted) >= MAX_FORWARDS and len(refused) >= 4, (len(accepted), len(refused))
         for result in accepted.values():
             assert torch.equal(tf.decode_result(result), want)
         while len(ended) < len(calls):  # the last callbacks may still be running

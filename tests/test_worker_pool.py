@@ -7,6 +7,7 @@ failure, never as an exception that escapes to the router's request handler.
 """
 
 import asyncio
+import time
 
 import pytest
 from test_expert_worker import start_worker, stop, wait_for_port
@@ -68,6 +69,42 @@ def test_a_worker_that_leaves_and_returns_is_asked_again(model, address):
             assert not pool.unserved_experts()
             assert [w.address for w in pool.workers if w.healthy] == [address]
             assert await WorkerPool.probe(pool.workers, 5.0) == [True]
+        finally:
+            await pool.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+class CountingStub:
+    """The worker's stub, counting the GetInfo calls that reach it."""
+
+    def __init__(self, stub) -> None:
+        self._stub = stub
+        self.get_info_calls = 0
+
+    def GetInfo(self, *args, **kwargs):
+        self.get_info_calls += 1
+        return self._stub.GetInfo(*args, **kwargs)
+
+
+def test_frequent_reachability_questions_share_one_probe_per_interval(model, address):
+    interval_s = 0.3
+
+    async def scenario() -> None:
+        config = PoolConfig(probe_interval_s=interval_s)
+        pool = WorkerPool(ModelSpec.from_dir(model), Precision.FP32, config)
+        await pool.start([address])
+        (worker,) = pool.workers
+        worker.stub = counting = CountingStub(worker.stub)
+        try:
+            asked = await asyncio.gather(*(pool.reachable([worker], 5.0) for _ in range(16)))
+            assert asked == [[True]] * 16 and counting.get_info_calls == 1
+            answered = time.monotonic()
+            assert await pool.reachable([worker], 5.0) == [True]  # a fresh answer, reused
+            assert counting.get_info_calls == 1 or time.monotonic() - answered >= interval_s
+            await asyncio.sleep(interval_s)
+            assert await pool.reachable([worker], 5.0) == [True]  # too old: asked again
+            assert counting.get_info_calls == 2
         finally:
             await pool.close()
 
