@@ -47,6 +47,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -794,7 +795,7 @@ def main() -> None:
         args.json.write_text(json.dumps({"rows": [r.__dict__ for r in rows], "memory": memory}))
     print_memory(memory)
     print_table(rows)
-    print("\ncommand: python bench/e2e.py " + " ".join(sys.argv[1:]))
+    print("\ncommand: python bench/e2e.py " + shlex.join(sys.argv[1:]))
     if rows and "hf" in sections:
         hf = {r.batch: r.decode_tok_s for r in rows if r.system.startswith("hf")}
         for r in rows:

@@ -30,6 +30,7 @@ Times are CUDA-event medians of 5 trials of back-to-back launches after a warm-u
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import sys
 import time
@@ -372,7 +373,7 @@ def main() -> None:
     parse = lambda v: [tuple(int(x) for x in s.split("x")) for s in v.split(",")]  # noqa: E731
     gemm_sizes = parse(args.sizes) if args.sizes else PREFILL
     config_sizes = parse(args.sizes) if args.sizes else PREFILL + [(32, 16), (256, 1)]
-    print("command: python " + " ".join(sys.argv))
+    print("command: python " + shlex.join(sys.argv))
     props = torch.cuda.get_device_properties(DEV)
     print(f"device: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}")
     print(f"prefill kernel picked: {grouped_gemm.PREFILL}")

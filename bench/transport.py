@@ -36,6 +36,7 @@ import inspect
 import itertools
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -366,7 +367,7 @@ def main() -> None:
         args.json.write_text(json.dumps(results, indent=1))
     for title, rows, *key in tables:
         print_table(title, rows, *key)
-    print("\ncommand: python bench/transport.py " + " ".join(sys.argv[1:]))
+    print("\ncommand: python bench/transport.py " + shlex.join(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from moe_core import grpc_server, ipc, wire
-from moe_core import token_format as tf
 from moe_core.host_arena import HostArena, Segment
 from moe_core.interceptors import Drain
 from protos import expert_pb2
@@ -41,7 +40,7 @@ log = logging.getLogger("expert_worker.front")
 
 SERVICE_NAME = expert_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_name
 _ALIGN = 64  # every piece of a block starts on this boundary (the worker views them as tensors)
-_RESULT_ITEMSIZE = {tf.FP32: 4, tf.BF16: 2}
+_RESULT_ITEMSIZE = {expert_pb2.TOKEN_FORMAT_FP32: 4, expert_pb2.TOKEN_FORMAT_BF16: 2}
 
 
 def layout(sizes: list[int]) -> tuple[list[int], int]:

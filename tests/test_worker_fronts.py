@@ -4,7 +4,8 @@ Connections land on the worker or on one of its fronts (the kernel spreads them)
 many separate connections so that every process takes calls. Whichever takes it, a Forward call
 answers bit for bit what a worker without fronts answers, GetInfo the same, bad requests the same
 codes and messages, and the cluster serves the same logits through forwarders and fronts. A killed
-front is replaced; SIGTERM stops the fronts with the worker.
+front is replaced; SIGTERM stops the fronts with the worker. Fronts and the router's forwarders
+load without torch, so that each helper process costs tens of MiB, not hundreds.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import grpc
 import hf_models
@@ -175,3 +179,20 @@ def test_bytes_that_are_no_request_are_invalid_argument_through_every_process(wo
     finally:
         for channel in channels:
             channel.close()
+
+
+@pytest.mark.parametrize("module", ["expert_worker.front", "router.forwarder"])
+def test_helper_processes_run_without_torch(module):
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # any `import torch` now raises ImportError
+        f"import {module}\n"
+        "assert 'torch' not in [m for m, v in sys.modules.items() if v is not None]\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
