@@ -15,7 +15,13 @@ import pytest
 
 from router.config import Discovery
 from router.discovery import DEFAULT_WORKER_PORT
-from router.main import build_parser, config_from_args, main
+from router.main import (
+    ONEDNN_PRIMITIVE_CACHE,
+    bound_onednn_cache,
+    build_parser,
+    config_from_args,
+    main,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SELECTOR = "app.kubernetes.io/component=expert-worker,app.kubernetes.io/instance=moe"
@@ -115,3 +121,12 @@ def test_the_router_process_refuses_kubernetes_discovery_without_a_selector():
     )
     assert done.returncode == 2
     assert "moe-router: error:" in done.stderr and "--selector" in done.stderr
+
+
+def test_the_router_bounds_onednns_primitive_cache_unless_told_otherwise():
+    environ: dict[str, str] = {}
+    bound_onednn_cache(environ)
+    assert environ == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": ONEDNN_PRIMITIVE_CACHE}
+    environ = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"}  # the user's choice stays
+    bound_onednn_cache(environ)
+    assert environ == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"}
