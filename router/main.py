@@ -210,8 +210,9 @@ def _micro_batches(text: str) -> int | None:
 
 # oneDNN (torch's CPU matmuls) keeps a compiled primitive per shape, 1,024 by default. The
 # router's attention meets a new shape nearly every step (batch x sequence length), so on a CPU
-# that cache grew the router by 2-4 MiB per minute of serving, for almost no hits; with 16 its
-# RSS stayed nearly flat at the same throughput (docs/performance.md). No effect on a GPU.
+# that cache held most of what the router allocated and kept while serving, for almost no hits
+# (its RSS grew 2-4 MiB per minute); with 16 the growth was a fraction of that at the same
+# throughput (docs/performance.md). No effect on a GPU.
 ONEDNN_PRIMITIVE_CACHE = "16"
 
 
