@@ -418,26 +418,26 @@ def rss_mib(pid: int) -> float | None:
         return None
 
 
-def children_of(pid: int) -> list[int]:
-    """The pids whose parent is pid (a router's forwarders, a worker's fronts)."""
-    out = []
+def children_by_parent() -> dict[int, list[int]]:
+    """ppid -> the pids of its children (a router's forwarders, a worker's fronts), from /proc."""
+    out: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError):
+            with contextlib.suppress(OSError, IndexError, ValueError):
                 # the field after the parenthesized command name: state, then ppid
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    out.append(int(entry.name))
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                out.setdefault(ppid, []).append(int(entry.name))
     return out
 
 
 def memory_report(cluster, extra) -> dict:
     """Per process: nvidia-smi MiB and host RSS MiB (its own, and its helper processes' sum);
     per worker also resident expert bytes, allocated, reserved."""
-    smi = gpu_memory_by_pid()
+    smi, children = gpu_memory_by_pid(), children_by_parent()
     report = {}
     for proc in [cluster.router, extra, *cluster.workers]:
         pid = proc.popen.pid
-        helpers = [rss_mib(child) for child in children_of(pid)]
+        helpers = [rss_mib(child) for child in children.get(pid, [])]
         entry = {
             "gpu_mib": smi.get(pid),
             "rss_mib": rss_mib(pid),

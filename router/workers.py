@@ -383,10 +383,8 @@ class WorkerPool:
 
         async def one(worker: Worker) -> bool:
             known = self._reachable.get(worker.address)
-            fresh = known is not None and known.worker is worker
-            if fresh and known.probe.done():
-                fresh = loop.time() - known.answered_at < self.config.probe_interval_s
-            if not fresh:
+            max_age_s = self.config.probe_interval_s
+            if known is None or known.worker is not worker or known.stale(loop.time(), max_age_s):
                 known = _Reachability(worker, answers(worker, self.config.probe_timeout_s), loop)
                 self._reachable[worker.address] = known
             if known.probe.done():
@@ -432,8 +430,12 @@ class _Reachability:
     def __init__(self, worker: Worker, probe, loop: asyncio.AbstractEventLoop) -> None:
         self.worker = worker
         self.probe: asyncio.Future[bool] = asyncio.ensure_future(probe)
-        self.answered_at = loop.time()
+        self.answered_at = 0.0  # loop time of the answer, once the probe is done
         self.probe.add_done_callback(lambda _: setattr(self, "answered_at", loop.time()))
+
+    def stale(self, now: float, max_age_s: float) -> bool:
+        """Answered longer than max_age_s ago (a probe still in flight is never stale)."""
+        return self.probe.done() and now - self.answered_at >= max_age_s
 
 
 async def answers(worker: Worker, timeout_s: float) -> bool:
