@@ -59,6 +59,9 @@ from pathlib import Path
 import torch
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parent))
+
+from procstat import children_by_parent, rss_mib  # noqa: E402
 
 PHASE_COLUMNS = ("attention", "gating", "dispatch", "experts", "combine", "sampling")
 MODEL_VERSION = "1"  # bump when the written checkpoint changes
@@ -406,27 +409,6 @@ def gpu_memory_by_pid() -> dict[int, float]:
         if len(parts) == 2 and parts[0].isdigit():
             with contextlib.suppress(ValueError):
                 out[int(parts[0])] = float(parts[1])
-    return out
-
-
-def rss_mib(pid: int) -> float | None:
-    """The process's resident memory (VmRSS), MiB; None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
-    except (OSError, StopIteration):
-        return None
-
-
-def children_by_parent() -> dict[int, list[int]]:
-    """ppid -> the pids of its children (a router's forwarders, a worker's fronts), from /proc."""
-    out: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                # the field after the parenthesized command name: state, then ppid
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                out.setdefault(ppid, []).append(int(entry.name))
     return out
 
 

@@ -18,6 +18,9 @@ combines the results, with the device synchronized around it. Reported per confi
                decode, experts and encode; from its /metrics)
   wire ms      rtt - compute: what the transport costs
   GB/s         MB/layer / rtt: aggregate dispatch + combine throughput
+  CPU ms       CPU time per layer (user + system, all threads) of the router (this process), its
+               forwarders, the workers and their fronts, each role summed over its processes;
+               cores = their total / rtt, how many of the host's cores the layer kept busy
 
 --forwarders runs every configuration once per number of forwarder processes (0: the calls go
 out on the router's event loop; N: `router.forwarders.ForwarderPool` with N processes); --fronts
@@ -50,7 +53,11 @@ import torch
 
 # appended, not prepended: PYTHONPATH may name another checkout to measure (e.g. a baseline)
 sys.path.append(str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parent))
 
+from procstat import children_by_parent, cpu_seconds  # noqa: E402
+
+from moe_core.host_threads import apply_cpu_threads  # noqa: E402
 from moe_core.spec import ModelSpec  # noqa: E402
 from router.dispatch import RemoteExpertBackend  # noqa: E402
 from router.forwarders import ForwarderPool  # noqa: E402
@@ -232,6 +239,22 @@ class Router:
         self.thread.join()
 
 
+ROLES = ("router", "forwarders", "workers", "fronts")
+
+
+def cpu_by_role(workers: Workers) -> dict[str, float]:
+    """CPU seconds so far of each role's processes, summed (see ROLES)."""
+    children = children_by_parent()
+    worker_pids = [p.pid for p in workers.procs]
+    pids = {
+        "router": [os.getpid()],
+        "forwarders": [c for c in children.get(os.getpid(), []) if c not in worker_pids],
+        "workers": worker_pids,
+        "fronts": [c for w in worker_pids for c in children.get(w, [])],
+    }
+    return {role: sum(cpu_seconds(pid) for pid in pids[role]) for role in ROLES}
+
+
 def run_config(router, backend, workers, active, tokens, hidden, iters, device) -> dict:
     gen = torch.Generator(device="cpu").manual_seed(tokens * 31 + active)
     x = (torch.randn(tokens, hidden, generator=gen) * 0.5).to(device, torch.bfloat16)
@@ -250,8 +273,11 @@ def run_config(router, backend, workers, active, tokens, hidden, iters, device) 
     for _ in range(2):
         layer()
     bytes_before, compute_before = router.wire_bytes(), workers.compute_seconds()
+    cpu_before = cpu_by_role(workers)
     times = [layer() for _ in range(iters)]
+    cpu_after = cpu_by_role(workers)
     compute = [b - a for a, b in zip(compute_before, workers.compute_seconds(), strict=True)]
+    cpu_ms = {role: (cpu_after[role] - cpu_before[role]) / iters * 1e3 for role in ROLES}
     rtt = statistics.median(times)
     mb = (router.wire_bytes() - bytes_before) / iters / 1e6
     compute_s = max(compute) / iters
@@ -264,6 +290,8 @@ def run_config(router, backend, workers, active, tokens, hidden, iters, device) 
         "compute_ms": compute_s * 1e3,
         "wire_ms": (rtt - compute_s) * 1e3,
         "gb_per_s": mb / 1e3 / rtt,
+        "cpu_ms": cpu_ms,
+        "cores": sum(cpu_ms.values()) * iters / 1e3 / sum(times),
     }
 
 
@@ -274,13 +302,18 @@ def sync(device: str) -> None:
 
 def print_table(title: str, rows: list[dict], key: str = "workers") -> None:
     print(f"\n{title}")
-    print(f"| {key} | tokens | forwarders | MB/layer | rtt ms | compute ms | wire ms | GB/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    cpu = " | ".join(f"CPU ms {role}" for role in ROLES)
+    print(
+        f"| {key} | tokens | forwarders | MB/layer | rtt ms | compute ms | wire ms | GB/s | {cpu} "
+        "| cores |"
+    )
+    print("|" + " --- |" * (9 + len(ROLES)))
     for r in rows:
+        cpu = " | ".join(f"{r['cpu_ms'][role]:.0f}" for role in ROLES)
         print(
             f"| {r[key]} | {r['tokens']} | {r.get('forwarders', 0)} | {r['mb_per_layer']:.1f} | "
-            f"{r['rtt_ms']:.2f} | "
-            f"{r['compute_ms']:.2f} | {r['wire_ms']:.2f} | {r['gb_per_s']:.2f} |"
+            f"{r['rtt_ms']:.2f} | {r['compute_ms']:.2f} | {r['wire_ms']:.2f} | "
+            f"{r['gb_per_s']:.2f} | {cpu} | {r['cores']:.1f} |"
         )
 
 
@@ -303,6 +336,7 @@ def main() -> None:
     parser.add_argument("--label", default="", help="printed in the table titles")
     parser.add_argument("--json", type=Path, default=None, help="also write every row here")
     args = parser.parse_args()
+    apply_cpu_threads(args.device)  # as a router process on this device does
 
     results, tables = [], []
     log_dir = Path(tempfile.mkdtemp(prefix="transport-logs-"))

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from expert_worker.experts import KERNELS
+from moe_core.host_threads import cpu_threads_for
 from moe_core.metrics import check_listen_options
 from moe_core.precision import Precision
 
@@ -25,6 +26,7 @@ class WorkerConfig:
     port: int = 0  # 0 = pick a free port
     port_file: Path | None = None  # written (temp + rename) with the bound port once serving
     device: str = "cpu"  # torch device of the expert weights, e.g. "cpu", "cuda", "cuda:1"
+    cpu_threads: int | None = None  # torch's CPU operator threads; None: moe_core.host_threads
     precision: Precision = Precision.FP32  # how the expert weights are held; tokens must match
     grace_s: float = 5.0  # on SIGTERM/SIGINT, time given to calls in flight before they are cut
     kernels: str = "auto"  # fp8 expert MLP: "cuda" kernels, their "torch" twin, or "auto"
@@ -52,6 +54,7 @@ class WorkerConfig:
             raise ValueError(f"unknown device {self.device!r}") from exc
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        cpu_threads_for(device, self.cpu_threads)
         try:
             self.precision = Precision(self.precision)
         except ValueError as exc:

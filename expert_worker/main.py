@@ -2,7 +2,8 @@
 
     moe-expert-worker serve --model DIR (--experts 0-7 | --experts 0,1,5 | --shard I/N)
         [--host 127.0.0.1] [--port 0] [--port-file PATH] [--metrics-port P]
-        [--metrics-port-file PATH] [--device cpu|cuda|cuda:N] [--precision fp8|bf16|fp32]
+        [--metrics-port-file PATH] [--device cpu|cuda|cuda:N] [--cpu-threads N]
+        [--precision fp8|bf16|fp32]
         [--kernels auto|cuda|torch] [--max-concurrent-forwards 16] [--fronts 0] [--grace 5]
         (--tls-cert FILE --tls-key FILE --tls-ca FILE | --insecure) [--auth-token-file FILE]
 
@@ -10,8 +11,9 @@ With TLS the worker accepts only clients (routers) that show a certificate signe
 with --auth-token-file every ExpertService call needs `authorization: Bearer <token>`.
 `--kernels` picks the fp8 expert MLP: the CUDA kernels (the default on a GPU) or their torch twin.
 `--max-concurrent-forwards` bounds the Forward calls computing or queued; one more is refused with
-RESOURCE_EXHAUSTED. `--shard I/N` holds experts [I*E//N, (I+1)*E//N) of a model with E routed
-experts per layer.
+RESOURCE_EXHAUSTED. `--cpu-threads` sets torch's CPU operator threads (default: 1 on a GPU, where
+the host only plans; one per core on a CPU). `--shard I/N` holds experts [I*E//N, (I+1)*E//N) of a
+model with E routed experts per layer.
 Exit status: 0 after a graceful stop, 1 when the model or a TLS/token file cannot be used, 2 on
 bad usage (also: neither TLS options nor --insecure).
 """
@@ -114,6 +116,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from expert_worker.config import WorkerConfig
     from expert_worker.experts import ExpertShard
     from expert_worker.server import serve
+    from moe_core.host_threads import apply_cpu_threads
 
     try:
         if args.shard is not None:
@@ -136,6 +139,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(
             f"expert {missing[0]} does not exist: the model has {spec.num_experts} experts"
         )
+    apply_cpu_threads(config.device, config.cpu_threads)
     try:
         shard = ExpertShard.load(
             config.model_dir,

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import grpc
+import torch
 from grpc_health.v1 import health
 
 from expert_worker import service, wire_forward
@@ -216,11 +217,12 @@ async def _serve(
         await server.stop(None)
         raise
     log.info(
-        "serving on %s (experts %s, %s on %s, %s%s)",
+        "serving on %s (experts %s, %s on %s, %d CPU threads, %s%s)",
         grpc_server.listen_address(config.host, port),
         grpc_server.format_ids(shard.expert_ids),
         shard.precision,
         shard.device,
+        torch.get_num_threads(),
         security.describe(require_client_auth=True),
         f", {config.fronts} front processes" if config.fronts else "",
     )

@@ -12,8 +12,8 @@ from moe_core.security import Security
 
 
 def add_server_arguments(serve: argparse.ArgumentParser, precision_help: str) -> None:
-    """--host, --port, --port-file, --metrics-port, --metrics-port-file, --device, --precision,
-    --grace and --log-level."""
+    """--host, --port, --port-file, --metrics-port, --metrics-port-file, --device, --cpu-threads,
+    --precision, --grace and --log-level."""
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=0, help="port (0 = pick a free one)")
     serve.add_argument("--port-file", help="write the bound port here once serving")
@@ -25,6 +25,12 @@ def add_server_arguments(serve: argparse.ArgumentParser, precision_help: str) ->
     )
     serve.add_argument("--metrics-port-file", help="write the bound metrics port here once serving")
     serve.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    serve.add_argument(
+        "--cpu-threads",
+        type=int,
+        help="threads of torch's CPU operators (default: 1 with a GPU device, one per core "
+        "with --device cpu)",
+    )
     serve.add_argument(
         "--precision",
         default=Precision.FP32.value,
@@ -41,7 +47,7 @@ def server_settings(args: argparse.Namespace) -> dict:
     """The config fields that `add_server_arguments`' options set (both components' configs
     name them alike); --grace and --log-level excepted."""
     names = ["host", "port", "port_file", "metrics_port", "metrics_port_file"]
-    names += ["device", "precision"]
+    names += ["device", "cpu_threads", "precision"]
     return {name: getattr(args, name) for name in names}
 
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from moe_core.host_threads import cpu_threads_for
 from moe_core.metrics import check_listen_options
 from moe_core.precision import Precision
 
@@ -51,6 +52,7 @@ class RouterConfig:
     port: int = 0  # 0 = pick a free port
     port_file: Path | None = None  # written (temp + rename) with the bound port once serving
     device: str = "cpu"  # torch device of the dense part and the KV cache
+    cpu_threads: int | None = None  # torch's CPU operator threads; None: moe_core.host_threads
     precision: Precision = Precision.FP32  # dense dtype and dispatch format (see `dense_dtype`)
     max_batch_size: int = 64  # sequences per step = KV cache slots
     max_seq_len: int = 4096  # prompt + generated tokens per sequence
@@ -96,6 +98,7 @@ class RouterConfig:
             torch.device(self.device)
         except RuntimeError as exc:
             raise ValueError(f"unknown device {self.device!r}") from exc
+        cpu_threads_for(self.device, self.cpu_threads)
         self.precision = Precision(self.precision)
         if self.default_max_new_tokens is None:
             self.default_max_new_tokens = min(16, self.max_new_tokens)

@@ -2,7 +2,7 @@
 
     moe-router serve --model DIR --workers HOST:PORT,... [--host 127.0.0.1] [--port 0]
         [--port-file PATH] [--metrics-port P] [--metrics-port-file PATH] [--device cpu|cuda]
-        [--precision fp8|bf16|fp32] [--max-batch-size 64] [--max-seq-len 4096]
+        [--cpu-threads N] [--precision fp8|bf16|fp32] [--max-batch-size 64] [--max-seq-len 4096]
         [--max-new-tokens 4096] [--max-prompt-len MAX_SEQ_LEN-1]
         [--max-concurrent-requests MAX_BATCH_SIZE] [--max-waiting 256] [--rpc-timeout 10]
         [--startup-timeout 600] [--on-expert-loss fail|degrade] [--dispatch-attempts 3] [--grace 5]
@@ -229,6 +229,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(str(err))
     bound_onednn_cache()
     from moe_core.errors import ModelError
+    from moe_core.host_threads import apply_cpu_threads
     from moe_core.security import SecretFileError
     from router.config import Discovery
     from router.server import serve
@@ -246,6 +247,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return _fail(str(err))
     if config.worker_tls_server_name is not None and security.identity is None:
         parser.error("--worker-tls-server-name needs TLS (--tls-cert, --tls-key, --tls-ca)")
+    apply_cpu_threads(config.device, config.cpu_threads)
     try:
         asyncio.run(serve(config, security, grace_s=args.grace))
     except ModelError as err:

@@ -214,12 +214,13 @@ async def serve(
         await router.workers.close()
         raise
     log.info(
-        "serving on %s (%s, %d workers, %s on %s, %s)",
+        "serving on %s (%s, %d workers, %s on %s, %d CPU threads, %s)",
         grpc_server.listen_address(config.host, port),
         config.model_dir.name,
         len(router.workers.workers),
         config.precision,
         config.device,
+        torch.get_num_threads(),
         security.describe(require_client_auth=False),
     )
     try:
