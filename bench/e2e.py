@@ -63,6 +63,8 @@ sys.path.append(str(Path(__file__).resolve().parent))
 
 from procstat import children_by_parent, rss_mib  # noqa: E402
 
+from moe_core.host_threads import apply_cpu_threads  # noqa: E402
+
 PHASE_COLUMNS = ("attention", "gating", "dispatch", "experts", "combine", "sampling")
 MODEL_VERSION = "1"  # bump when the written checkpoint changes
 
@@ -753,6 +755,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a small model, for a quick check")
     args = parser.parse_args()
     sections = args.sections.split(",")
+    apply_cpu_threads(args.device)  # "local" is a router in this process: as a router sets it
 
     model_dir = ensure_model(args.model_root, args.layers, args.tiny, args.device)
     vocab = model_config(args.layers, args.tiny)["vocab_size"]

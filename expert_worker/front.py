@@ -5,8 +5,9 @@ that drives the GPU.
 `python -m expert_worker.front --fd N --fds-fd M`, started by the worker process
 (expert_worker.fronts), which holds the other ends of the two Unix socket pairs N and M.
 
-Each front listens on the worker's host:port beside it (SO_REUSEPORT: the kernel spreads the
-connections), with the same TLS, token check, health, reflection and drain. A Forward call is
+The fronts listen on the worker's host:port (SO_REUSEPORT: the kernel spreads the connections
+between them; the worker process holds the port without listening), with the same TLS, token
+check, health, reflection and drain. A Forward call is
 read in place, its token rows and slots copied once into this front's host arena (shared memory
 that the worker maps and pins), and handed to the worker as a small message; the worker computes
 as for its own calls (same checks, same concurrency limit, same metrics), writes the result rows

@@ -1,6 +1,7 @@
 """The worker process's side of its front processes (`--fronts N`, expert_worker.front).
 
-The worker starts N fronts on its own port (it listens there too), maps each front's host arena
+The worker starts N fronts on its port (it holds the port but does not listen: every call's bytes
+are copied by a front, none by the interpreter that drives the GPU), maps each front's host arena
 (pinned with CUDA when the experts are on a GPU), and answers their calls: a forward message
 becomes a request read in place from the arena, computed like the worker's own Forward calls
 (`ExpertService.forward`: the same checks, concurrency limit and metrics), the result rows

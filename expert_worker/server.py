@@ -7,7 +7,9 @@ logged and answered with INTERNAL; the server keeps serving. At most `max_concur
 Forward calls compute or wait for the thread; one more is refused at once with
 RESOURCE_EXHAUSTED. Malformed requests get INVALID_ARGUMENT, and on SIGTERM the worker drains
 (`moe_core.grpc_server`). With TLS the worker requires a client certificate signed by the CA
-(mutual TLS); with a token, ExpertService calls must carry it.
+(mutual TLS); with a token, ExpertService calls must carry it. With fronts (`--fronts N`) this
+process serves no gRPC itself: its fronts listen on the port and hand it the calls
+(expert_worker.fronts).
 """
 
 from __future__ import annotations
@@ -194,28 +196,46 @@ async def serve(shard: ExpertShard, config: WorkerConfig, security: Security | N
 async def _serve(
     shard: ExpertShard, config: WorkerConfig, security: Security, metrics: WorkerMetrics
 ) -> None:
-    drain = Drain(SERVICE_NAME)
     servicer = ExpertService(shard, metrics, config.max_concurrent_forwards)
+    if config.fronts:
+        await _serve_through_fronts(shard, servicer, config, security)
+        return
+    drain = Drain(SERVICE_NAME)
     server, port, health_servicer = await start_server(
-        shard,
-        config.host,
-        config.port,
-        security,
-        drain=drain,
-        servicer=servicer,
-        reuse_port=config.fronts > 0,
+        shard, config.host, config.port, security, drain=drain, servicer=servicer
     )
-    fronts = None
-    try:
-        if config.fronts:
-            pin = shard.device.type == "cuda"
-            fronts = FrontPool(config.fronts, servicer, config.host, port, security, pin)
+    _log_serving(shard, config, port, security)
+    await grpc_server.serve_until_signal(
+        server, health_servicer, port, config.port_file, config.grace_s, drain
+    )
+    log.info("stopped")
+
+
+async def _serve_through_fronts(
+    shard: ExpertShard, servicer: ExpertService, config: WorkerConfig, security: Security
+) -> None:
+    """--fronts N: only the fronts listen, and every call's bytes are copied there; this
+    process holds the port (so that a front started again binds it) and computes. On SIGTERM
+    the fronts drain (health NOT_SERVING, new calls refused, calls in flight finish)."""
+    with grpc_server.reserved_port(config.host, config.port) as port:
+        pin = shard.device.type == "cuda"
+        fronts = FrontPool(config.fronts, servicer, config.host, port, security, pin)
+        try:
             await fronts.wait_ready()
-    except BaseException:
-        if fronts is not None:
+        except BaseException:
             await fronts.drain(0.0)
-        await server.stop(None)
-        raise
+            raise
+        _log_serving(shard, config, port, security)
+        async with grpc_server.stop_signal() as stop:
+            if config.port_file is not None:
+                grpc_server.write_port_file(config.port_file, port)
+            await stop.wait()
+            log.info("stopping: draining calls in flight for up to %.1f s", config.grace_s)
+            await fronts.drain(config.grace_s)
+    log.info("stopped")
+
+
+def _log_serving(shard: ExpertShard, config: WorkerConfig, port: int, security: Security) -> None:
     log.info(
         "serving on %s (experts %s, %s on %s, %d CPU threads, %s%s)",
         grpc_server.listen_address(config.host, port),
@@ -226,13 +246,3 @@ async def _serve(
         security.describe(require_client_auth=True),
         f", {config.fronts} front processes" if config.fronts else "",
     )
-    await grpc_server.serve_until_signal(
-        server,
-        health_servicer,
-        port,
-        config.port_file,
-        config.grace_s,
-        drain,
-        on_stop=None if fronts is None else fronts.drain,
-    )
-    log.info("stopped")

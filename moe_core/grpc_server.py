@@ -7,11 +7,13 @@ A message over a server's receive limit is answered RESOURCE_EXHAUSTED by grpc i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+import socket
 import tempfile
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -114,6 +116,42 @@ def write_port_file(path: Path, port: int) -> None:
         raise
 
 
+@contextlib.contextmanager
+def reserved_port(host: str, port: int) -> Iterator[int]:
+    """Holds host:port (0 = a free port) with a bound socket that does not listen -> the port.
+
+    The socket has SO_REUSEPORT, as have the servers that then listen there (an expert worker's
+    fronts): they take every connection, and a server started again later binds the same port.
+    OSError when the port is taken."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:  # as grpc binds [::]: IPv4 too
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        try:
+            sock.bind(address)
+        except OSError as err:
+            raise OSError(f"cannot listen on {listen_address(host, port)}: {err}") from err
+        yield sock.getsockname()[1]
+
+
+@contextlib.asynccontextmanager
+async def stop_signal() -> AsyncIterator[asyncio.Event]:
+    """An event set by SIGINT or SIGTERM while the context lasts (a second one changes
+    nothing: the stop goes on)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        yield stop
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
 async def serve_until_signal(
     server: grpc.aio.Server,
     health_servicer: health.aio.HealthServicer,
@@ -121,36 +159,28 @@ async def serve_until_signal(
     port_file: Path | None,
     grace_s: float,
     drain: Drain | None = None,
-    on_stop: Callable[[float], Awaitable[None]] | None = None,
 ) -> None:
     """Writes the port file, waits for SIGINT or SIGTERM, then drains, as Kubernetes expects:
     health NOT_SERVING at once (health keeps answering), new calls refused with UNAVAILABLE
-    (`drain`), calls in flight given up to grace_s seconds to finish, then `server.stop`.
-    on_stop(grace_s) runs beside the drain (other processes of the server draining) and ends
-    before the server stops."""
-    stop = asyncio.Event()
+    (`drain`), calls in flight given up to grace_s seconds to finish, then `server.stop`."""
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     deadline = None
     try:
-        if port_file is not None:
-            write_port_file(port_file, port)
-        await stop.wait()
-        deadline = loop.time() + grace_s
-        log.info("stopping: draining calls in flight for up to %.1f s", grace_s)
-        others = asyncio.ensure_future(on_stop(grace_s)) if on_stop is not None else None
-        await health_servicer.enter_graceful_shutdown()
-        if drain is not None:
-            drain.begin()
-            if not await drain.wait_idle(grace_s):
-                log.warning(
-                    "%d calls still in flight after %.1f s: cutting them", drain.in_flight, grace_s
-                )
-        if others is not None:
-            await others
+        async with stop_signal() as stop:
+            if port_file is not None:
+                write_port_file(port_file, port)
+            await stop.wait()
+            deadline = loop.time() + grace_s
+            log.info("stopping: draining calls in flight for up to %.1f s", grace_s)
+            await health_servicer.enter_graceful_shutdown()
+            if drain is not None:
+                drain.begin()
+                if not await drain.wait_idle(grace_s):
+                    log.warning(
+                        "%d calls still in flight after %.1f s: cutting them",
+                        drain.in_flight,
+                        grace_s,
+                    )
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
         left = grace_s if deadline is None else max(0.0, deadline - loop.time())
         await server.stop(left)

@@ -1,11 +1,12 @@
 """An expert worker with front processes (`--fronts 2`): the same service on the same port.
 
-Connections land on the worker or on one of its fronts (the kernel spreads them); the test opens
-many separate connections so that every process takes calls. Whichever takes it, a Forward call
-answers bit for bit what a worker without fronts answers, GetInfo the same, bad requests the same
-codes and messages, and the cluster serves the same logits through forwarders and fronts. A killed
-front is replaced; SIGTERM stops the fronts with the worker. Fronts and the router's forwarders
-load without torch, so that each helper process costs tens of MiB, not hundreds.
+Connections land on one of the fronts (the kernel spreads them; the worker process itself does
+not listen); the test opens many separate connections so that every front takes calls. Whichever
+takes it, a Forward call answers bit for bit what a worker without fronts answers, GetInfo the
+same, bad requests the same codes and messages, and the cluster serves the same logits through
+forwarders and fronts. A killed front is replaced; SIGTERM stops the fronts with the worker.
+Fronts and the router's forwarders load without torch, so that each helper process costs tens of
+MiB, not hundreds.
 """
 
 from __future__ import annotations
@@ -47,6 +48,25 @@ def _front_pids(folder) -> list[int]:
         int(p)
         for p in re.findall(r"front process \d+ started, pid (\d+)", (folder / "log").read_text())
     ]
+
+
+def _listening_pids(port: int) -> set[int]:
+    """The processes with a TCP socket (IPv4 or IPv6) listening on port, from /proc."""
+    sockets = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in list(f)[1:]:
+                fields = line.split()  # local address, remote address, state (0A: LISTEN)
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    sockets.add(f"socket:[{fields[9]}]")
+    pids = set()
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            if any(os.readlink(fd) in sockets for fd in fd_dir.iterdir()):
+                pids.add(int(fd_dir.parent.name))
+        except OSError:  # a process that ended, or not ours to read
+            continue
+    return pids
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +116,13 @@ def test_every_connection_answers_what_a_worker_without_fronts_answers(workers):
     # the fronts took some of the calls: the worker counted its own and theirs
     text = (folder / "log").read_text()
     assert "2 front processes" in text
+
+
+def test_only_the_fronts_listen_so_the_worker_copies_no_calls_bytes(workers):
+    port, folder, _ = workers
+    fronts = [pid for pid in _front_pids(folder) if Path(f"/proc/{pid}").exists()]
+    assert len(fronts) == 2
+    assert _listening_pids(port) == set(fronts)
 
 
 @pytest.mark.parametrize("case", list(BAD))
