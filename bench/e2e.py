@@ -3,7 +3,7 @@
     python bench/e2e.py [--sections hf,local,cluster,soak,overlap] [--workers 1,2,4]
                         [--batches 1,16,64,256] [--layers 12] [--prompt-len 128] [--new-tokens 32]
                         [--profile-tokens 8] [--model-root DIR] [--soak-seconds 480] [--json FILE]
-                        [--tiny]
+                        [--splits 2] [--overlap-repeats 3] [--tiny]
 
 The model: a random DeepSeek-V2-Lite-proportioned checkpoint written once with transformers
 (DeepseekV2 architecture: hidden 2048, MLA with kv_lora 512 and no q_lora, 16 heads with
@@ -35,7 +35,10 @@ Memory (cluster): each process's GPU memory (nvidia-smi), host RSS (its own, and
 helper processes': forwarders, fronts) and each worker's resident expert bytes and
 allocated/reserved bytes (its /metrics), after the runs. Section `soak`: the cluster of the
 last --workers serves mixed batches (every --batches size above 1, in turn, prompt and 8 new
-tokens each) for --soak-seconds while memory is sampled every 10 s.
+tokens each) for --soak-seconds while memory is sampled every 10 s. Section `overlap`: the first
+--workers, with routers unsplit, split into each of --splits micro-batches, `auto` (and a
+profiled one for the transport time); each timed --overlap-repeats times, interleaved, median;
+with the splits auto chose.
 
 Prints the table last, then the command. --tiny runs a small model (for a quick check, also on
 a CPU with --device cpu).
@@ -48,6 +51,7 @@ import asyncio
 import contextlib
 import json
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -531,8 +535,8 @@ async def _cluster_runs(cluster, profiled, args, vocab, workers, runs, soak) -> 
 
 
 def run_overlap(model_dir: Path, args, vocab: int, workers: int) -> None:
-    """Decode with the step unsplit, in 2 micro-batches and as --micro-batches auto picks, on one
-    set of workers; the transport of a step (dispatch + experts + combine) from profiled unsplit
+    """Decode with the step unsplit, in each of --splits micro-batches and as --micro-batches
+    auto picks, on one set of workers; the transport of a step (dispatch + experts + combine) from profiled unsplit
     steps; hidden = the step time overlap saves / that transport time. Prints a table."""
     from moe_cluster import LocalCluster
 
@@ -549,30 +553,39 @@ def run_overlap(model_dir: Path, args, vocab: int, workers: int) -> None:
         log_dir=Path(tempfile.mkdtemp(prefix=f"e2e-overlap-w{workers}-")),
         start_timeout_s=600,
     )
+    splits = [str(n) for n in args.splits]
     with cluster:
-        routers = {
-            "1": cluster.router,
-            # (the cluster's options come first: a later --micro-batches wins)
-            "2": cluster.add_router("router-mb2", ("--micro-batches", "2")),
-            "auto": cluster.add_router("router-auto", ("--micro-batches", "auto")),
-            "profiled": cluster.add_router("router-profiled", ("--profile-steps",)),
-        }
+        # (the cluster's options come first: a later --micro-batches wins)
+        routers = {"1": cluster.router}
+        for n in splits:
+            routers[n] = cluster.add_router(f"router-mb{n}", ("--micro-batches", n))
+        routers["auto"] = cluster.add_router("router-auto", ("--micro-batches", "auto"))
+        routers["profiled"] = cluster.add_router("router-profiled", ("--profile-steps",))
         rows = asyncio.run(_overlap_runs(routers, args, vocab))
-    print(f"\noverlap, {workers} workers: ms per decode step")
-    print(
-        "| batch | unsplit | 2 micro-batches | auto | transport (unsplit) | hidden, 2 "
-        "| hidden, auto |"
-    )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for batch, ms, transport in rows:
-        hidden = {k: (ms["1"] - ms[k]) / transport if transport else 0.0 for k in ("2", "auto")}
-        print(
-            f"| {batch} | {ms['1']:.1f} | {ms['2']:.1f} | {ms['auto']:.1f} | {transport:.1f} | "
-            f"{hidden['2']:.0%} | {hidden['auto']:.0%} |"
-        )
+    timed = [*splits, "auto"]
+    print(f"\noverlap, {workers} workers: ms per decode step (auto: its decode steps by split)")
+    head = ["batch", "unsplit", *(f"{n} micro-batches" for n in splits), "auto"]
+    head += ["transport (unsplit)", *(f"hidden, {k}" for k in timed)]
+    print("| " + " | ".join(head) + " |")
+    print("|" + " --- |" * len(head))
+    for batch, ms, transport, chosen in rows:
+        hidden = [(ms["1"] - ms[k]) / transport if transport else 0.0 for k in timed]
+        picks = ", ".join(f"{n}: {steps:.0f}" for n, steps in sorted(chosen.items()))
+        cells = [str(batch), *(f"{ms[k]:.1f}" for k in ["1", *splits])]
+        cells += [f"{ms['auto']:.1f} ({picks})", f"{transport:.1f}"]
+        print("| " + " | ".join(cells + [f"{h:.0%}" for h in hidden]) + " |")
 
 
-async def _overlap_runs(routers, args, vocab) -> list[tuple[int, dict, float]]:
+def micro_batch_steps(samples: dict) -> dict[int, float]:
+    """A router's steps so far by the number of micro-batches they ran in (its /metrics)."""
+    out = {}
+    for (name, pairs), value in samples.items():
+        if name == "moe_router_step_micro_batches_total":
+            out[int(dict(pairs)["micro_batches"])] = value
+    return out
+
+
+async def _overlap_runs(routers, args, vocab) -> list[tuple[int, dict, float, dict]]:
     from moe_client import AsyncClient
 
     clients = {name: AsyncClient(r.address, timeout=600) for name, r in routers.items()}
@@ -591,11 +604,18 @@ async def _overlap_runs(routers, args, vocab) -> list[tuple[int, dict, float]]:
             await run_all(stream, prompts_for(4, 16, vocab), 4)
         for batch in args.batches:
             prompts = prompts_for(batch, args.prompt_len, vocab)
-            ms = {}
-            for name in ("1", "2", "auto"):
+            timed = [n for n in routers if n != "profiled"]
+            for name in timed:
                 await run_all(streams[name], prompts, 8)  # warm-up; auto measures its sizes
-                _, step = await decode_rate(streams[name], prompts, args.new_tokens)
-                ms[name] = step * 1e3
+            before = micro_batch_steps(scrape(routers["auto"].metrics_url))
+            steps_ms: dict[str, list[float]] = {name: [] for name in timed}
+            for _ in range(args.overlap_repeats):  # interleaved, so that drift hits all alike
+                for name in timed:
+                    _, step = await decode_rate(streams[name], prompts, args.new_tokens)
+                    steps_ms[name].append(step * 1e3)
+            ms = {name: statistics.median(v) for name, v in steps_ms.items()}
+            after = micro_batch_steps(scrape(routers["auto"].metrics_url))
+            chosen = {n: v - before.get(n, 0.0) for n, v in after.items() if v > before.get(n, 0)}
             url = routers["profiled"].metrics_url
             m0 = scrape(url)
             await run_all(streams["profiled"], prompts, args.profile_tokens)
@@ -612,8 +632,8 @@ async def _overlap_runs(routers, args, vocab) -> list[tuple[int, dict, float]]:
             steps = metric_sum(m1, "moe_router_profiled_steps_total", step="decode") - metric_sum(
                 m0, "moe_router_profiled_steps_total", step="decode"
             )
-            rows.append((batch, ms, transport / max(steps, 1) * 1e3))
-            print(batch, ms, rows[-1][2], flush=True)
+            rows.append((batch, ms, transport / max(steps, 1) * 1e3, chosen))
+            print(batch, ms, rows[-1][2], chosen, flush=True)
     finally:
         for client in clients.values():
             await client.close()
@@ -732,6 +752,18 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--profile-tokens", type=int, default=8)
     parser.add_argument("--soak-seconds", type=float, default=480.0)
+    parser.add_argument(
+        "--overlap-repeats",
+        type=int,
+        default=3,
+        help="overlap: timed decode runs per router, interleaved; the median is reported",
+    )
+    parser.add_argument(
+        "--splits",
+        type=ints,
+        default=[2],
+        help="overlap: the fixed micro-batch counts compared with unsplit and auto",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--model-root", type=Path, default=Path(tempfile.gettempdir()) / "moe-bench"
