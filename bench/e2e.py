@@ -536,8 +536,9 @@ async def _cluster_runs(cluster, profiled, args, vocab, workers, runs, soak) -> 
 
 def run_overlap(model_dir: Path, args, vocab: int, workers: int) -> None:
     """Decode with the step unsplit, in each of --splits micro-batches and as --micro-batches
-    auto picks, on one set of workers; the transport of a step (dispatch + experts + combine) from profiled unsplit
-    steps; hidden = the step time overlap saves / that transport time. Prints a table."""
+    auto picks, on one set of workers; the transport of a step (dispatch + experts + combine)
+    from profiled unsplit steps; hidden = the step time overlap saves / that transport time.
+    Prints a table."""
     from moe_cluster import LocalCluster
 
     max_len = args.prompt_len + args.new_tokens + 8
