@@ -35,7 +35,9 @@ Memory (cluster): each process's GPU memory (nvidia-smi), host RSS (its own, and
 helper processes': forwarders, fronts) and each worker's resident expert bytes and
 allocated/reserved bytes (its /metrics), after the runs. Section `soak`: the cluster of the
 last --workers serves mixed batches (every --batches size above 1, in turn, prompt and 8 new
-tokens each) for --soak-seconds while memory is sampled every 10 s. Section `overlap`: the first
+tokens each) for --soak-seconds while memory is sampled every 10 s; it ends with each process's
+RSS by kind (main malloc heap, other anonymous memory, mapped files; and its threads) at the
+soak's start, middle and end. Section `overlap`: the first
 --workers, with routers unsplit, split into each of --splits micro-batches, `auto` (and a
 profiled one for the transport time); each timed --overlap-repeats times, interleaved, median;
 with the splits auto chose.
@@ -65,7 +67,7 @@ import torch
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 sys.path.append(str(Path(__file__).resolve().parent))
 
-from procstat import children_by_parent, rss_mib  # noqa: E402
+from procstat import children_by_parent, rss_by_kind, rss_mib  # noqa: E402
 
 from moe_core.host_threads import apply_cpu_threads  # noqa: E402
 
@@ -430,6 +432,7 @@ def memory_report(cluster, extra) -> dict:
             "gpu_mib": smi.get(pid),
             "rss_mib": rss_mib(pid),
             "helpers_rss_mib": sum(r for r in helpers if r is not None),
+            "rss_kinds": rss_by_kind(pid),
         }
         if proc.name.startswith("worker"):
             m = scrape(proc.metrics_url)
@@ -727,6 +730,28 @@ def print_memory(memory: dict) -> None:
             for s in soak:
                 cells = " | ".join(_soak_cell(s[n]) for n in names)
                 print(f"| {s['t']:.0f} | {s['tokens']:,} | {cells} |")
+            _print_rss_kinds(soak, names)
+
+
+def _print_rss_kinds(soak: list[dict], names: list[str]) -> None:
+    """Each process's RSS by kind (procstat.rss_by_kind) at the soak's start, middle and end."""
+    picks = [soak[0], soak[len(soak) // 2], soak[-1]]
+    print(
+        "\nhost RSS MiB by kind, heap / anon / file (threads), at "
+        + ", ".join(f"{s['t']:.0f} s" for s in picks)
+    )
+    print("| process | " + " | ".join(f"{s['t']:.0f} s" for s in picks) + " |")
+    print("| --- " * (len(picks) + 1) + "|")
+    for name in names:
+        cells = []
+        for s in picks:
+            k = s[name].get("rss_kinds")
+            cells.append(
+                "-"
+                if k is None
+                else f"{k['heap']:,.0f} / {k['anon']:,.0f} / {k['file']:,.0f} ({k['threads']})"
+            )
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 def _soak_cell(entry: dict) -> str:

@@ -24,6 +24,31 @@ def rss_mib(pid: int) -> float | None:
         return None
 
 
+def rss_by_kind(pid: int) -> dict[str, float] | None:
+    """The process's resident memory, MiB, by what holds it (from /proc/PID/smaps): "heap" (the
+    main malloc arena), "anon" (other anonymous mappings: thread arenas, large allocations,
+    pinned and JIT buffers), "file" (mapped files: libraries, the model's weights), and its
+    "threads"; None once it is gone."""
+    out = {"heap": 0.0, "anon": 0.0, "file": 0.0}
+    kind = "anon"
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                first = line.split(maxsplit=6)
+                if "-" in first[0] and len(first) >= 5 and ":" in first[3]:  # a mapping's header
+                    name = first[5].strip() if len(first) > 5 else ""
+                    kind = (
+                        "heap" if name == "[heap]" else "file" if name.startswith("/") else "anon"
+                    )
+                elif first[0] == "Rss:":
+                    out[kind] += int(first[1]) / 1024
+        with open(f"/proc/{pid}/status") as f:
+            out["threads"] = next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
+    except (OSError, StopIteration):
+        return None
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of the process (all its threads) so far; 0 once it is gone."""
     try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -158,6 +159,20 @@ def test_a_killed_front_is_replaced_and_the_worker_keeps_serving(workers):
     finally:
         for channel in channels:
             channel.close()
+
+
+def test_a_port_taken_by_another_process_fails_the_start_with_its_address(model, tmp_path):
+    with socket.socket() as taken:  # listening, without SO_REUSEPORT: nobody may share it
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = start_worker(model, tmp_path, "--shard", "0/2", "--fronts", "2", "--port", str(port))
+        try:
+            proc.wait(timeout=60)
+        finally:
+            code, log = stop(proc, tmp_path)
+    assert code == 1 and f"cannot listen on 127.0.0.1:{port}" in log, log
+    assert not _front_pids(tmp_path)  # it failed before starting any front
 
 
 def test_sigterm_stops_the_fronts_with_the_worker(model, tmp_path):
