@@ -603,12 +603,12 @@ async def _overlap_runs(routers, args, vocab) -> list[tuple[int, dict, float, di
 
     streams = {name: streamer(c) for name, c in clients.items()}
     rows = []
+    timed = [n for n in routers if n != "profiled"]
     try:
         for stream in streams.values():
             await run_all(stream, prompts_for(4, 16, vocab), 4)
         for batch in args.batches:
             prompts = prompts_for(batch, args.prompt_len, vocab)
-            timed = [n for n in routers if n != "profiled"]
             for name in timed:
                 await run_all(streams[name], prompts, 8)  # warm-up; auto measures its sizes
             before = micro_batch_steps(scrape(routers["auto"].metrics_url))

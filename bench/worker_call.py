@@ -10,7 +10,8 @@ experts, the slots of the other workers' experts empty (-1). Per T: the median w
 reply) and of its parts, each timed alone with the device synchronized around it:
 
   copy in      the request's token bytes into pinned host memory (`token_format._from_bytes`)
-  checks       token bytes to the device, the finite checks (`service.compute` before the shard)
+  checks       token bytes to the device and their finite check (`service.compute` before the
+               shard; the scales' check, not timed here, is the same on fewer bytes)
   experts      `ExpertShard.forward` (routing plan on the CPU, the fused kernels)
   copy out     the result rows to bf16, into pinned host memory (one transfer)
   encode       `wire.encode_forward_response` (one join of the reply's bytes)

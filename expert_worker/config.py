@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from expert_worker.experts import KERNELS
-from moe_core.host_threads import cpu_threads_for
+from moe_core.host_threads import check_cpu_threads
 from moe_core.metrics import check_listen_options
 from moe_core.precision import Precision
 
@@ -54,7 +54,7 @@ class WorkerConfig:
             raise ValueError(f"unknown device {self.device!r}") from exc
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
-        cpu_threads_for(device, self.cpu_threads)
+        check_cpu_threads(self.cpu_threads)
         try:
             self.precision = Precision(self.precision)
         except ValueError as exc:

@@ -122,11 +122,15 @@ def reserved_port(host: str, port: int) -> Iterator[int]:
 
     The socket has SO_REUSEPORT, as have the servers that then listen there (an expert worker's
     fronts): they take every connection, and a server started again later binds the same port.
-    OSError when the port is taken."""
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    with socket.socket(family, kind, proto) as sock:
+    OSError naming the address when the host does not resolve or the port is taken."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as err:
+        raise OSError(f"cannot listen on {listen_address(host, port)}: {err}") from err
+    with sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:  # as grpc binds [::]: IPv4 too
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)

@@ -19,15 +19,20 @@ import torch
 GPU_DEFAULT = 1
 
 
+def check_cpu_threads(requested: int | None) -> int | None:
+    """requested, or ValueError when it is below 1 (None: the default, see `cpu_threads_for`)."""
+    if requested is not None and requested < 1:
+        raise ValueError(f"cpu threads must be at least 1, got {requested}")
+    return requested
+
+
 def cpu_threads_for(
     device: str | torch.device, requested: int | None = None, environ: Mapping = os.environ
 ) -> int | None:
     """The intra-op thread count to use: requested when given; else None (torch's default)
     where OMP_NUM_THREADS is set or the device is a CPU, GPU_DEFAULT for a GPU device."""
     if requested is not None:
-        if requested < 1:
-            raise ValueError(f"cpu threads must be at least 1, got {requested}")
-        return requested
+        return check_cpu_threads(requested)
     if "OMP_NUM_THREADS" in environ or torch.device(device).type != "cuda":
         return None
     return GPU_DEFAULT

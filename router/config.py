@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from moe_core.host_threads import cpu_threads_for
+from moe_core.host_threads import check_cpu_threads
 from moe_core.metrics import check_listen_options
 from moe_core.precision import Precision
 
@@ -98,7 +98,7 @@ class RouterConfig:
             torch.device(self.device)
         except RuntimeError as exc:
             raise ValueError(f"unknown device {self.device!r}") from exc
-        cpu_threads_for(self.device, self.cpu_threads)
+        check_cpu_threads(self.cpu_threads)
         self.precision = Precision(self.precision)
         if self.default_max_new_tokens is None:
             self.default_max_new_tokens = min(16, self.max_new_tokens)
