@@ -10,8 +10,9 @@ experts, the slots of the other workers' experts empty (-1). Per T: the median w
 reply) and of its parts, each timed alone with the device synchronized around it:
 
   copy in      the request's token bytes into pinned host memory (`token_format._from_bytes`)
-  checks       token bytes to the device and their finite check (`service.compute` before the
-               shard; the scales' check, not timed here, is the same on fewer bytes)
+  checks       token bytes to the device and their finite check, on its own with a sync
+               (`token_format.require_finite`; the call itself leaves the check on the device and
+               reads its verdict with the result rows)
   experts      `ExpertShard.forward` (routing plan on the CPU, the fused kernels)
   copy out     the result rows to bf16, into pinned host memory (one transfer)
   encode       `wire.encode_forward_response` (one join of the reply's bytes)
@@ -105,7 +106,7 @@ def measure(shard: ExpertShard, raw: bytes, iters: int) -> dict:
     parts = {
         "call": lambda: wire_forward.forward_bytes(shard, raw),
         "copy in": lambda: tf._from_bytes(batch.data, torch.float8_e4m3fn, shape, "tokens", pin),
-        "checks": lambda: tf._check_finite(host.to(device, non_blocking=True), "tokens"),
+        "checks": lambda: tf.require_finite(host.to(device, non_blocking=True), "tokens"),
         "experts": lambda: shard.forward(0, x, scales, ids, weights),
         "copy out": lambda: out_host.copy_(done.rows.to(torch.bfloat16), non_blocking=True),
         "encode": lambda: wire.encode_forward_response(tf.BF16, *rows.shape, reply, 0.0),

@@ -52,6 +52,17 @@ class LayerExperts:
         return [t for t in (self.w13, self.w2, self.w13_scales, self.w2_scales) if t is not None]
 
 
+@dataclass
+class RoutePlan:
+    """The (token, slot) pairs of one forward that name a held expert, R of them, grouped by
+    expert in the order of `ExpertShard.expert_ids`; tensors on the tokens' device."""
+
+    tokens: torch.Tensor  # [R] int64: the token of each row
+    row_weights: torch.Tensor  # [R] float32: its routing weight
+    rows_per_expert: torch.Tensor  # [n] int64
+    counts: list[int]  # rows_per_expert on the host
+
+
 def stored_intermediate(spec: ModelSpec, precision: Precision) -> int:
     """I as stored: fp8 rounds it up to whole 128-blocks so gate and up blocks stay apart."""
     inter = spec.moe_intermediate_size
@@ -134,11 +145,19 @@ class ExpertShard:
         weight * expert_mlp(x[t]). Raises ValueError on an id not held or a bad shape/dtype.
 
         expert_ids and weights may be on the CPU (a worker's come from the wire): the routing
-        plan is then made there and moved to the device without a synchronization."""
-        if layer not in self.layers:
-            raise ValueError(f"layer {layer} is not an MoE layer ({self.spec.moe_layers})")
-        self._check_tokens(x, x_scales)
-        local = self._local_ids(expert_ids, weights, x.shape[0])  # [T, S], -1 = empty
+        plan is then made there and moved to the device without a synchronization. The tokens
+        routed to each expert are counted (`expert_load`)."""
+        self._check_inputs(layer, x, x_scales)
+        plan = self.plan(expert_ids, weights, x.shape[0], x.device)
+        out = self.run(layer, x, x_scales, plan)
+        self.record_load(plan)
+        return out
+
+    def plan(
+        self, expert_ids: torch.Tensor, weights: torch.Tensor, num_tokens: int, device: torch.device
+    ) -> RoutePlan:
+        """The rows of `forward`, grouped by held expert; ValueError on an id not held here."""
+        local = self._local_ids(expert_ids, weights, num_tokens)  # [T, S], -1 = empty
         tok, slot = (local >= 0).nonzero(as_tuple=True)  # [R], [R]
         experts = local[tok, slot]  # [R]
         order = torch.argsort(experts, stable=True)  # group rows by expert
@@ -146,11 +165,23 @@ class ExpertShard:
         row_weights = weights[tok, slot[order]].float()  # [R]
         bins = torch.bincount(experts, minlength=len(self.expert_ids))  # [n] rows per expert
         counts = bins.tolist()
-        if tok.device != x.device:  # planned on the CPU: pinned, asynchronous copies
-            tok, row_weights, bins = (_to_device(t, x.device) for t in (tok, row_weights, bins))
-        w = self.layers[layer]
-        for i, count in enumerate(counts):
+        if tok.device != device:  # planned on the CPU: pinned, asynchronous copies
+            tok, row_weights, bins = (_to_device(t, device) for t in (tok, row_weights, bins))
+        return RoutePlan(tok, row_weights, bins, counts)
+
+    def record_load(self, plan: RoutePlan) -> None:
+        """Counts the plan's rows into `expert_load` (a request refused after its compute
+        is not counted)."""
+        for i, count in enumerate(plan.counts):
             self._tokens[i] += count
+
+    def run(
+        self, layer: int, x: torch.Tensor, x_scales: torch.Tensor | None, plan: RoutePlan
+    ) -> torch.Tensor:
+        """The experts of `forward` on a plan made for x: [T, H] float32; no synchronization."""
+        self._check_inputs(layer, x, x_scales)
+        tok, row_weights, bins = plan.tokens, plan.row_weights, plan.rows_per_expert
+        w = self.layers[layer]
         if self.precision == Precision.FP8:
             run = kernels.expert_mlp_fp8 if self.kernels == "cuda" else kernels.expert_mlp_torch
             return run(
@@ -170,7 +201,7 @@ class ExpertShard:
         out = torch.zeros(x.shape[0], self.spec.hidden_size, dtype=torch.float32, device=x.device)
         inter = w.w2.shape[2]
         start = 0
-        for i, count in enumerate(counts):
+        for i, count in enumerate(plan.counts):
             if count == 0:
                 continue
             rows = tok[start : start + count]  # [r] tokens routed to expert i
@@ -182,7 +213,9 @@ class ExpertShard:
             start += count
         return out
 
-    def _check_tokens(self, x: torch.Tensor, x_scales: torch.Tensor | None) -> None:
+    def _check_inputs(self, layer: int, x: torch.Tensor, x_scales: torch.Tensor | None) -> None:
+        if layer not in self.layers:
+            raise ValueError(f"layer {layer} is not an MoE layer ({self.spec.moe_layers})")
         expected = _STORAGE[self.precision]
         if x.dim() != 2 or x.shape[1] != self.spec.hidden_size:
             raise ValueError(f"x must be [T, {self.spec.hidden_size}], got {tuple(x.shape)}")

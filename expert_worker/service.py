@@ -23,7 +23,7 @@ from moe_core.grpc_server import format_ids
 from protos import expert_pb2
 
 if TYPE_CHECKING:
-    from expert_worker.experts import ExpertShard
+    from expert_worker.experts import ExpertShard, RoutePlan
     from expert_worker.metrics import WorkerMetrics
 
 
@@ -90,7 +90,8 @@ def forward(
     metrics, when given, records the batch once it is answered (not the requests refused)."""
     start = time.perf_counter()
     out = compute(shard, request)
-    result = tf.encode_result(out.rows, request.result_format)
+    result = tf.encode_result(out.rows, request.result_format)  # waits for the device
+    settle(shard, out)
     seconds = time.perf_counter() - start
     if metrics is not None:
         metrics.record_batch(out.num_tokens, out.expert_tokens, seconds)
@@ -99,15 +100,23 @@ def forward(
 
 @dataclass
 class Computed:
+    """A request's experts, launched: valid only once `settle` has passed it."""
+
     rows: torch.Tensor  # [T, H] float32 on the shard's device: the weighted expert sums
     num_tokens: int
     expert_tokens: int  # (token, expert) pairs computed
+    plan: RoutePlan
+    tokens: tuple[torch.Tensor, torch.Tensor | None]  # (x, scales) as decoded, on the device
+    nonfinite: torch.Tensor | None  # [2] bool on the GPU: NaN/Inf in x, in scales; None: checked
 
 
 def compute(shard: ExpertShard, request, in_place: bool = False) -> Computed:
     """The checks and the experts of `forward`, without encoding the result. request: an
     ExpertForwardRequest, or anything that reads like one (`moe_core.wire.ForwardRequestView`).
-    in_place: its token bytes are in (pinned) host memory that stays put meanwhile: no copy."""
+    in_place: its token bytes are in (pinned) host memory that stays put until `settle`.
+
+    On a GPU the finite check of the tokens stays on the device, next to the experts, so that
+    the call synchronizes once (for its result): `settle` reads it."""
     _check_layer(shard, request.layer)
     if not request.HasField("tokens"):
         raise _invalid("the request carries no tokens")
@@ -123,12 +132,16 @@ def compute(shard: ExpertShard, request, in_place: bool = False) -> Computed:
             f"got {request.slots}"
         )
     num_tokens, slots = request.tokens.num_tokens, request.slots
+    on_gpu = shard.device.type == "cuda"
     try:
-        x, scales = tf.decode_tokens(request.tokens, shard.device, True, in_place)
+        x, scales = tf.decode_tokens(request.tokens, shard.device, not on_gpu, in_place)
         ids = tf.unpack_expert_ids(request.expert_ids, num_tokens, slots)
         weights = tf.unpack_expert_weights(request.expert_weights, num_tokens, slots, False)
     except tf.WireFormatError as err:
         raise _invalid(str(err)) from err
+    nonfinite = None
+    if on_gpu:
+        nonfinite = torch.stack([tf.nonfinite(t).any() for t in (x, scales) if t is not None])
     used = _held_mask(shard, ids)
     bad = used & ~torch.isfinite(weights)
     if bool(bad.any()):
@@ -138,7 +151,8 @@ def compute(shard: ExpertShard, request, in_place: bool = False) -> Computed:
         )
     weights = torch.where(used, weights, 0.0)  # empty slots are ignored whatever they carry
     try:  # ids and weights stay on the CPU: the shard plans there, without device syncs
-        out = shard.forward(request.layer, x, scales, ids, weights)
+        plan = shard.plan(ids, weights, num_tokens, x.device)
+        out = shard.run(request.layer, x, scales, plan)
     except ValueError as err:
         raise _invalid(str(err)) from err
     except torch.OutOfMemoryError as err:
@@ -146,7 +160,23 @@ def compute(shard: ExpertShard, request, in_place: bool = False) -> Computed:
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"out of memory running {num_tokens} tokens on {shard.device}: {err}",
         ) from err
-    return Computed(out, num_tokens, int(used.sum()))
+    return Computed(out, num_tokens, int(used.sum()), plan, (x, scales), nonfinite)
+
+
+def settle(shard: ExpertShard, done: Computed, nonfinite: torch.Tensor | None = None) -> None:
+    """Refuses the request if its tokens were not finite (INVALID_ARGUMENT), else counts its
+    rows into the shard's expert load. Call it after the device has finished the request's
+    work; nonfinite: `done.nonfinite` already copied to the host, if it was."""
+    flags = done.nonfinite if nonfinite is None else nonfinite
+    if flags is not None and bool(flags.any()):
+        x, scales = done.tokens
+        try:
+            tf.require_finite(x, "tokens")
+            if scales is not None:
+                tf.require_finite(scales, "tokens (FP8 scales)")
+        except tf.WireFormatError as err:
+            raise _invalid(str(err)) from err
+    shard.record_load(done.plan)
 
 
 def worker_info(shard: ExpertShard) -> expert_pb2.WorkerInfo:

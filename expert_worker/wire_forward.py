@@ -2,7 +2,8 @@
 
 The request is read in place (`moe_core.wire.decode_forward_request`); its token bytes are copied
 once into pinned memory and go to the GPU without a synchronization. The result rows come back to
-pinned memory in one transfer, and the reply is one `bytes.join` of a small header and those rows
+pinned memory in one transfer, with the device's verdict on the tokens' finiteness (the call's
+one synchronization), and the reply is one `bytes.join` of a small header and those rows
 (`moe_core.wire.encode_forward_response`). The checks and the experts are `service.compute`'s, so
 answers and refusals are exactly those of `service.forward` (the protobuf path, which tools and
 tests keep using); the bytes on the wire are the same ExpertForwardResponse.
@@ -78,8 +79,13 @@ def forward_rows(
         host.copy_(rows, non_blocking=True)
     else:
         host = rows
+    nonfinite = None
+    if done.nonfinite is not None:  # the token checks ride with the rows: one sync
+        nonfinite = torch.empty(done.nonfinite.shape, dtype=torch.bool, pin_memory=True)
+        nonfinite.copy_(done.nonfinite, non_blocking=True)
     if rows.device.type == "cuda":
         torch.cuda.current_stream(rows.device).synchronize()
+    service.settle(shard, done, nonfinite)
     seconds = time.perf_counter() - start
     if metrics is not None:
         metrics.record_batch(done.num_tokens, done.expert_tokens, seconds)

@@ -92,10 +92,16 @@ def _from_bytes(
     return host.view(dtype).view(shape)
 
 
-def _check_finite(x: torch.Tensor, what: str) -> None:
-    # float8_e4m3fn has no infinities and isfinite does not take it; its NaN is S.1111.111
-    fp8_nan = (x.view(torch.uint8) & 0x7F) == 0x7F if x.dtype == FP8_DTYPE else None
-    bad = fp8_nan if fp8_nan is not None else ~torch.isfinite(x)
+def nonfinite(x: torch.Tensor) -> torch.Tensor:
+    """Where x is NaN or infinite: a bool tensor of x's shape, on x's device (no sync)."""
+    if x.dtype == FP8_DTYPE:  # float8_e4m3fn has no infinities and isfinite does not take it
+        return (x.view(torch.uint8) & 0x7F) == 0x7F  # its NaN is S.1111.111
+    return ~torch.isfinite(x)
+
+
+def require_finite(x: torch.Tensor, what: str) -> None:
+    """WireFormatError naming the first NaN/Inf of x [T, H] (one sync when x is on a GPU)."""
+    bad = nonfinite(x)
     if bool(bad.any()):
         row, col = (int(i) for i in bad.nonzero()[0])
         raise WireFormatError(f"{what}: non-finite value at row {row}, column {col}")
@@ -166,9 +172,9 @@ def decode_tokens(
         x = x.to(device, non_blocking=pin)
         scales = None if scales is None else scales.to(device, non_blocking=pin)
     if check_finite:  # on the device: one elementwise pass and a sync there
-        _check_finite(x, "tokens")
+        require_finite(x, "tokens")
         if scales is not None:
-            _check_finite(scales, "tokens (FP8 scales)")
+            require_finite(scales, "tokens (FP8 scales)")
     return x, scales
 
 
@@ -244,5 +250,5 @@ def unpack_expert_weights(
     shape = (num_tokens, slots)
     weights = _from_bytes(data, torch.float32, shape, "expert_weights (float32)")
     if check_finite:
-        _check_finite(weights, "expert_weights")
+        require_finite(weights, "expert_weights")
     return weights

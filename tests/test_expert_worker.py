@@ -327,14 +327,34 @@ def test_fp8_shard_through_the_service_functions(model):
     assert service.worker_info(shard).precision == "fp8"
 
 
+def test_settle_refuses_what_the_device_check_found_and_counts_only_what_it_accepts(model):
+    """On a GPU `compute` leaves the tokens' finite check on the device; `settle` reads its
+    verdict after the call's one synchronization (here on the CPU, with the verdict given)."""
+    shard = ExpertShard.load(model, HELD, "fp32", progress=False)
+    x, ids, weights = routing(4, HELD, seed=2)
+    x[1, 3] = float("nan")
+    plan = shard.plan(ids, weights, 4, x.device)
+    rows = shard.run(MOE_LAYER, x, None, plan)
+    done = service.Computed(rows, 4, int((ids != -1).sum()), plan, (x, None), torch.tensor([True]))
+    before = shard.expert_load()
+    with pytest.raises(service.RequestError) as info:
+        service.settle(shard, done)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.message == "tokens: non-finite value at row 1, column 3"
+    assert shard.expert_load() == before
+    service.settle(shard, done, torch.tensor([False]))
+    after = shard.expert_load()
+    assert sum(after.values()) - sum(before.values()) == int((ids != -1).sum())
+
+
 def test_unexpected_failure_is_internal_and_the_server_keeps_serving(model):
     """In-process server: a shard that fails answers INTERNAL with the reason, never UNKNOWN."""
     shard = ExpertShard.load(model, HELD, "fp32", progress=False)
 
-    def broken_forward(*args):
+    def broken_run(*args):
         raise RuntimeError("device lost")
 
-    shard.forward = broken_forward
+    shard.run = broken_run
     x, ids, weights = routing(2, HELD)
 
     async def session():
