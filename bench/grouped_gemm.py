@@ -23,7 +23,8 @@ Tables (printed with the command that made them):
            SM clock and board power (NVML, sampled every 10 ms) over about a second of
            back-to-back launches, at the --sizes (default 8x512) of the --shapes.
 --shapes picks the shapes of the gemm, configs and clocks sections.
---prefill picks the prefill kernel of pick_config (decode and worker sections).
+--prefill picks the prefill kernel of pick_config (decode and worker sections), --scatter the one
+of the down GEMM's weighted scatter-add.
 Times are CUDA-event medians of 5 trials of back-to-back launches after a warm-up.
 """
 
@@ -61,7 +62,13 @@ DEV = torch.device("cuda")
 SHAPES = {"gate_up": (4096, 7168), "down": (7168, 2048)}
 # Prefill configurations compared: v2 (cp.async wgmma), v3 (TMA), v3 with clusters of two CTAs
 # sharing the A tile (x2) or the B tile (b2).
-VERSIONS = {"v2": "wg128n256", "v3": "tma128n256", "v3x2": "tma128n256x2", "v3b2": "tma128n256b2"}
+VERSIONS = {
+    "v2": "wg128n256",
+    "v3": "tma128n256",
+    "v3s": "tma128n256ss",
+    "v3x2": "tma128n256x2",
+    "v3b2": "tma128n256b2",
+}
 PREFILL = [(8, 512), (32, 256), (64, 128)]
 DECODE = [(32, 1), (32, 4), (32, 16), (256, 1), (256, 4), (256, 16)]
 
@@ -362,11 +369,18 @@ def main() -> None:
     ap.add_argument("--sizes", help="G x m of the gemm and configs sections, e.g. 8x512,64x128")
     ap.add_argument("--passes", type=int, default=1, help="repeats of the configs table")
     ap.add_argument(
-        "--prefill", choices=["v2", "v3"], default=grouped_gemm.PREFILL,
+        "--prefill",
+        choices=["v2", "v3"],
+        default=grouped_gemm.PREFILL,
         help="prefill kernel that pick_config chooses (decode, worker sections)",
+    )
+    ap.add_argument(
+        "--scatter", choices=["v2", "v3"], default=grouped_gemm.SCATTER,
+        help="kernel of the down GEMM's weighted scatter-add when it is a prefill (worker section)",
     )  # fmt: skip
     args = ap.parse_args()
     grouped_gemm.PREFILL = args.prefill
+    grouped_gemm.SCATTER = args.scatter
     for s in list(SHAPES):
         if s not in args.shapes.split(","):
             del SHAPES[s]

@@ -33,11 +33,16 @@ EPI_WEIGHTED_ADD = 2  # out[row_token[r]] += row_weight[r] * C[r] in float32
 # suffix x2) or, MCAST_B=1, the B tile (two adjacent M tiles of one group, suffix b2).
 # CHUNK=64 (suffix c64): each consumer warpgroup runs software-pipelined wgmma m64n64k32 chunks
 # with two partial sets, so its promotions overlap its own next chunk (grouped_gemm_tma.cu).
+# AREG=1 (suffix ar): each consumer warp loads its rows of A into registers once per k-block and
+# both n128 halves read A from there (wgmma RS form), halving A's shared-memory reads.
+# SSMEM=1 (suffix ss): the producer warp stages each k-block's scales in shared memory.
 CONFIGS: dict[str, dict[str, int]] = {
     "tma128n256b2": dict(TMA=1, BM=128, BN=256, STAGES=4, MCAST=2, MCAST_B=1),
     "tma128n256x2": dict(TMA=1, BM=128, BN=256, STAGES=4, MCAST=2),
     "tma128n256": dict(TMA=1, BM=128, BN=256, STAGES=4, MCAST=1),
     "tma128n256c64": dict(TMA=1, BM=128, BN=256, STAGES=4, MCAST=1, CHUNK=64),
+    "tma128n256ar": dict(TMA=1, BM=128, BN=256, STAGES=4, MCAST=1, AREG=1),
+    "tma128n256ss": dict(TMA=1, BM=128, BN=256, STAGES=4, MCAST=1, SSMEM=1),
     "tma128": dict(TMA=1, BM=128, BN=128, STAGES=6, MCAST=1),
     "wg128": dict(WGMMA=1, BM=128, BN=128, WM=8, WN=1, STAGES=6),
     "wg128n256": dict(WGMMA=1, BM=128, BN=256, WM=8, WN=1, STAGES=4),
@@ -51,6 +56,8 @@ CONFIGS: dict[str, dict[str, int]] = {
     "swiglu_tma128x2": dict(TMA=1, BM=128, BN=256, STAGES=4, MCAST=2),
     "swiglu_tma128": dict(TMA=1, BM=128, BN=256, STAGES=4, MCAST=1),
     "swiglu_tma128c64": dict(TMA=1, BM=128, BN=256, STAGES=4, MCAST=1, CHUNK=64),
+    "swiglu_tma128ar": dict(TMA=1, BM=128, BN=256, STAGES=4, MCAST=1, AREG=1),
+    "swiglu_tma128ss": dict(TMA=1, BM=128, BN=256, STAGES=4, MCAST=1, SSMEM=1),
     "swiglu_wg128": dict(WGMMA=1, BM=128, BN=256, WM=8, WN=1, STAGES=4),
     "swiglu_wg64": dict(WGMMA=1, BM=64, BN=256, WM=4, WN=1, STAGES=4),
     "swiglu_m64": dict(BM=64, BN=256, WM=2, WN=4, STAGES=4),
@@ -58,8 +65,10 @@ CONFIGS: dict[str, dict[str, int]] = {
 }
 
 
-# Prefill path of pick_config: "v3" (TMA kernel) or "v2" (cp.async wgmma kernel).
+# Prefill path of pick_config: "v3" (TMA kernel, scales staged in shared memory) or "v2"
+# (cp.async wgmma kernel). SCATTER: the same choice for the weighted scatter-add epilogue.
 PREFILL = "v3"
+SCATTER = "v2"
 
 
 def pick_config(
@@ -69,22 +78,22 @@ def pick_config(
 
     Decode (<= 16 rows per group) streams weights with the mma.sync m16 tile; prefill uses the
     v3 TMA kernel (or v2's wgmma with PREFILL = "v2") with the widest N tile that divides N,
-    except for the weighted scatter-add epilogue (`scatter`, the MLP's down GEMM), where v2
-    measured faster.
+    with scales staged in shared memory at BN = 256; the weighted scatter-add epilogue
+    (`scatter`, the MLP's down GEMM) takes SCATTER's choice.
     """
     mean_rows = num_rows / max(num_groups, 1)
-    v3 = PREFILL == "v3" and not scatter
+    v3 = PREFILL == "v3" and (not scatter or SCATTER == "v3")
     if swiglu:
         if mean_rows <= 16:
             return "swiglu_m16"
-        return "swiglu_tma128" if v3 else "swiglu_wg128"
+        return "swiglu_tma128ss" if v3 else "swiglu_wg128"
     if mean_rows <= 16:
         return "m16"
     if mean_rows <= 64:
         return "wg64"
     if n % 256 == 0:
-        return "tma128n256" if v3 else "wg128n256"
-    return "tma128" if v3 else "wg128"
+        return "tma128n256ss" if v3 else "wg128n256"
+    return "tma128" if v3 else "wg128"  # staged scales measured no faster at BN = 128
 
 
 def n_tiles_per_cluster(cfg: dict[str, int]) -> int:
@@ -102,10 +111,11 @@ def smem_bytes(cfg: dict[str, int]) -> int:
     """Dynamic shared memory of a configuration, plus 1024 bytes to align the swizzle atoms.
 
     cp.async kernels: stages of (A tile, B tile, row scales). TMA kernel: stages of (A tile,
-    B tile) and two mbarriers (full, empty) per stage.
+    B tile) and two mbarriers (full, empty) per stage, and with SSMEM the stage's scales.
     """
     if cfg.get("TMA"):
-        return cfg["STAGES"] * ((cfg["BM"] + cfg["BN"]) * BLOCK + 16) + 1024
+        staged_scales = (cfg["BM"] + 4) * 4 if cfg.get("SSMEM") else 0  # SCALE_SLOT floats
+        return cfg["STAGES"] * ((cfg["BM"] + cfg["BN"]) * BLOCK + 16 + staged_scales) + 1024
     return cfg["STAGES"] * ((cfg["BM"] + cfg["BN"]) * BLOCK + cfg["BM"] * 4) + 1024
 
 

@@ -45,6 +45,15 @@
 //           other warpgroup). 64: software-pipelined n64 chunks: wgmma m64n64k32 into one of two
 //           32-register partial sets while the other set is promoted, so each warpgroup keeps a
 //           chunk in flight across its own promotion (wait_group 1) and across k-blocks.
+//   AREG    1 (CHUNK 128 only): each consumer warp loads its 16 rows of the A tile from shared
+//           memory into registers once per k-block (ldmatrix, the mma.m16n8k32 fragment, which
+//           is also wgmma's register fragment of A) and both n128 halves take A from there
+//           (wgmma RS form): 8 KB instead of 16 KB of A read from shared memory per warpgroup
+//           per k-block, for 16 more registers per thread.
+//   SSMEM   1 (CHUNK 128, no clusters): the producer warp also stages each k-block's scales in
+//           shared memory (BM row scales of A, NSUB block scales of B, next to the ring), and the
+//           consumers read them there after the stage's full barrier, in place of four global
+//           loads per thread per k-block.
 //   PROBE   timing experiments only, results are wrong (never in CONFIGS): 1 skips the promotion
 //           but for the last k-block, 2 loads each stage of the ring once (the first tile) and
 //           then only signals it, 3 makes the consumers wait for and free each stage without
@@ -74,6 +83,12 @@
 #ifndef CHUNK
 #define CHUNK 128
 #endif
+#ifndef AREG
+#define AREG 0
+#endif
+#ifndef SSMEM
+#define SSMEM 0
+#endif
 #ifndef PROBE
 #define PROBE 0
 #endif
@@ -95,6 +110,9 @@ static_assert(EPI != 1 || BN == 256, "the SwiGLU epilogue covers 128 gate + 128 
 static_assert(MCAST == 1 || MCAST == 2, "MCAST: one CTA, or clusters of two");
 static_assert(!SHARE_B || NSUB % MCAST == 0, "sharing B: each CTA loads NSUB / MCAST n128 halves");
 static_assert(CHUNK == 128 || (CHUNK == 64 && BN == 256), "CHUNK 64: four n64 chunks per k-block");
+static_assert(!AREG || CHUNK == 128, "AREG: A from registers for the n128 sub-tiles");
+static_assert(!SSMEM || (CHUNK == 128 && MCAST == 1 && PROBE == 0), "SSMEM: plain v3 tiles only");
+#define SCALE_SLOT (BM + 4)  // floats per stage of staged scales: BM of A, NSUB (<= 2) of B
 
 // Registers per thread after setmaxnreg (two consumer warpgroups): 40 x 128 + 232 x 256 <= 64K.
 #define PRODUCER_REGS 40
@@ -114,6 +132,12 @@ __device__ __forceinline__ void mbar_arrive(u32 bar) {
 
 __device__ __forceinline__ void mbar_arrive_expect_tx(u32 bar, u32 bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+
+// Expect `bytes` more on the barrier's current phase, without arriving.
+__device__ __forceinline__ void mbar_expect_tx(u32 bar, u32 bytes) {
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(bytes)
                : "memory");
 }
 
@@ -207,16 +231,48 @@ __device__ __forceinline__ bool unit_tile(const int* __restrict__ counts, int G,
 // Lane 0 issues; the whole warp walks the tiles (find_tile is a warp-wide scan).
 __device__ __forceinline__ void produce(const TensorMap* map_a, const TensorMap* map_b,
                                         const int* __restrict__ counts, u32 ring, u32 full_bar,
-                                        u32 empty_bar, int N, int K, int G) {
+                                        u32 empty_bar, int N, int K, int G,
+                                        const float* __restrict__ SA, const float* __restrict__ SB,
+                                        float* scales_smem, int M) {
   const int lane = threadIdx.x & 31;
   const int units = N / BN / (SHARE_A ? MCAST : 1), KB = K / BK;  // units per m-tile
   const int rank = MCAST > 1 ? cluster_rank() : 0;
   int s = 0, phase = 0;
-  bool first = true;  // PROBE 2: the first tile fills the ring, later stages are only signalled
+  // PROBE 2: the first tile fills the ring, later stages are only signalled
+  [[maybe_unused]] bool first = true;
   for (int unit = blockIdx.x / MCAST;; unit += gridDim.x / MCAST) {
     int g, row0, rows, n_tile;
     if (!unit_tile(counts, G, unit, units, rank, g, row0, rows, n_tile)) break;
-    const bool alive = rows > 0;
+    [[maybe_unused]] const bool alive = rows > 0;
+#if SSMEM
+    // The whole warp: lane 0 posts the stage's bytes and issues its TMA copies, every lane
+    // stages scales and then arrives (full[s] counts 32 arrivals), which publishes them.
+    for (int kb = 0; kb < KB; ++kb) {
+      mbar_wait(empty_bar + 8 * s, phase ^ 1);
+      const u32 dst = ring + s * STAGE_BYTES, bar = full_bar + 8 * s;
+      if (lane == 0) {
+        mbar_expect_tx(bar, STAGE_BYTES);
+        tma_load_2d(dst, map_a, bar, kb * BK, row0);
+#pragma unroll
+        for (int sub = 0; sub < NSUB; ++sub)
+          tma_load_2d(dst + A_BYTES + sub * 128 * BK, map_b, bar, kb * BK,
+                      b_row(g, n_tile, sub, N));
+      }
+      float* slot = scales_smem + s * SCALE_SLOT;
+#pragma unroll
+      for (int i = 0; i < BM / 32; ++i) {
+        const int r = lane + 32 * i;  // rows past M read row M - 1; never stored
+        slot[r] = __ldg(SA + (u64)min(row0 + r, M - 1) * KB + kb);
+      }
+      if (lane < NSUB)
+        slot[BM + lane] = __ldg(SB + (u64)(b_row(g, n_tile, lane, N) / 128) * KB + kb);
+      mbar_arrive(bar);
+      if (++s == STAGES) {
+        s = 0;
+        phase ^= 1;
+      }
+    }
+#else
     if (lane == 0) {
       for (int kb = 0; kb < KB; ++kb) {
         mbar_wait(empty_bar + 8 * s, phase ^ 1);  // a fresh barrier passes parity 1 at once
@@ -254,6 +310,7 @@ __device__ __forceinline__ void produce(const TensorMap* map_a, const TensorMap*
         }
       }
     }
+#endif
     first = false;
     __syncwarp();
   }
@@ -340,13 +397,32 @@ __device__ __forceinline__ void kblock_n64(float* acc, float* p0, float* p1, u32
   sb[1] = nsb1;
 }
 
+// AREG: this warp's 16 rows of the stage's A tile (BK = 128 bytes each, 128-byte swizzle: chunk
+// c of row r at c ^ (r & 7)) -> a[ks][0..3], the register fragment of k32 step ks: rows
+// (lane / 4, + 8) x bytes (4 (lane % 4) .. + 3, + 16). ldmatrix.x4 matrix q = lane / 8 reads rows
+// (q & 1) * 8 .. + 7 of chunk 2 ks + (q >> 1).
+__device__ __forceinline__ void load_a_frags(u32 (&a)[BK / 32][4], u32 stage, int wg, int warp,
+                                             int lane) {
+  const int q = lane >> 3;
+  const int r = wg * 64 + (warp & 3) * 16 + (q & 1) * 8 + (lane & 7);
+#pragma unroll
+  for (int ks = 0; ks < BK / 32; ++ks) {
+    const u32 addr = stage + r * BK + (((ks * 2 + (q >> 1)) ^ (r & 7)) << 4);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(a[ks][0]), "=r"(a[ks][1]), "=r"(a[ks][2]), "=r"(a[ks][3])
+                 : "r"(addr)
+                 : "memory");
+  }
+}
+
 // Consumer warpgroups: per tile, multiply and promote every k-block, then run the epilogue.
 __device__ __forceinline__ void consume(const float* __restrict__ SA, const float* __restrict__ SB,
                                         const int* __restrict__ counts, void* __restrict__ out,
                                         float* __restrict__ out_scales,
                                         const float* __restrict__ row_weights,
                                         const long long* __restrict__ row_token, u32 ring,
-                                        u32 full_bar, u32 empty_bar, int M, int N, int K, int G) {
+                                        u32 full_bar, u32 empty_bar, int M, int N, int K, int G,
+                                        const float* scales_smem) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int units = N / BN / (SHARE_A ? MCAST : 1), KB = K / BK;
   const int rank = MCAST > 1 ? cluster_rank() : 0;
@@ -361,7 +437,7 @@ __device__ __forceinline__ void consume(const float* __restrict__ SA, const floa
     // Scale rows; tile rows past M read row M - 1 (their results are never stored).
     const float* sa_lo = SA + (u64)min(row0 + r_lo, M - 1) * KB;
     const float* sa_hi = SA + (u64)min(row0 + r_lo + 8, M - 1) * KB;
-    const float* sb_row[NSUB];
+    [[maybe_unused]] const float* sb_row[NSUB];
 #pragma unroll
     for (int sub = 0; sub < NSUB; ++sub)
       sb_row[sub] = SB + (u64)(b_row(g, n_tile, sub, N) / 128) * KB;
@@ -369,9 +445,13 @@ __device__ __forceinline__ void consume(const float* __restrict__ SA, const floa
     float acc[NSUB * 64];
 #pragma unroll
     for (int i = 0; i < NSUB * 64; ++i) acc[i] = 0.f;
-    float sa0 = __ldg(sa_lo), sa1 = __ldg(sa_hi), sb[NSUB];
+    float sa0, sa1, sb[NSUB];
+#if !SSMEM
+    sa0 = __ldg(sa_lo);
+    sa1 = __ldg(sa_hi);
 #pragma unroll
     for (int sub = 0; sub < NSUB; ++sub) sb[sub] = __ldg(sb_row[sub]);
+#endif
 
 #if CHUNK == 64
     if (PROBE != 3 && alive) {
@@ -391,6 +471,16 @@ __device__ __forceinline__ void consume(const float* __restrict__ SA, const floa
     }
 #else
     for (int kb = 0; kb < KB; ++kb) {
+#if SSMEM
+      mbar_wait(full_bar + 8 * s, phase);
+      {  // this k-block's scales, staged with the stage by the producer
+        const float* slot = scales_smem + s * SCALE_SLOT;
+        sa0 = slot[r_lo];
+        sa1 = slot[r_lo + 8];
+#pragma unroll
+        for (int sub = 0; sub < NSUB; ++sub) sb[sub] = slot[BM + sub];
+      }
+#else
       // Next k-block's scales, loaded while this one multiplies.
       const int kn = kb + 1 < KB ? kb + 1 : kb;
       const float nsa0 = __ldg(sa_lo + kn), nsa1 = __ldg(sa_hi + kn);
@@ -399,8 +489,13 @@ __device__ __forceinline__ void consume(const float* __restrict__ SA, const floa
       for (int sub = 0; sub < NSUB; ++sub) nsb[sub] = __ldg(sb_row[sub] + kn);
 
       mbar_wait(full_bar + 8 * s, phase);
+#endif
       const u32 stage = ring + s * STAGE_BYTES;
       const u64 da = wgmma_desc(stage + wg * 64 * BK);
+#if AREG
+      u32 af[BK / 32][4];
+      if (alive && PROBE != 3) load_a_frags(af, stage, wg, warp, lane);
+#endif
 #pragma unroll
       for (int sub = 0; sub < NSUB; ++sub) {
         if (!alive || PROBE == 3) break;  // no rows here: the stage only carried B for the other CTA
@@ -408,8 +503,13 @@ __device__ __forceinline__ void consume(const float* __restrict__ SA, const floa
         const u64 db = wgmma_desc(stage + A_BYTES + sub * 128 * BK);
         fence_regs<64>(part);
         wgmma_fence();
+#if AREG
+#pragma unroll
+        for (int ks = 0; ks < BK / 32; ++ks) wgmma_m64n128k32_rs(part, af[ks], db + 2 * ks, ks);
+#else
 #pragma unroll
         for (int ks = 0; ks < BK / 32; ++ks) wgmma_m64n128k32(part, da + 2 * ks, db + 2 * ks, ks);
+#endif
         wgmma_commit();
         wgmma_wait0();
         fence_regs<64>(part);
@@ -429,10 +529,12 @@ __device__ __forceinline__ void consume(const float* __restrict__ SA, const floa
         s = 0;
         phase ^= 1;
       }
+#if !SSMEM
       sa0 = nsa0;
       sa1 = nsa1;
 #pragma unroll
       for (int sub = 0; sub < NSUB; ++sub) sb[sub] = nsb[sub];
+#endif
     }
 #endif
 
@@ -522,6 +624,8 @@ extern "C" __global__ void CLUSTER_DIMS __launch_bounds__(NTHREADS, 1)
   const u32 ring = smem_addr(smem);
   const u32 full_bar = ring + STAGES * STAGE_BYTES;  // STAGES mbarriers of 8 bytes
   const u32 empty_bar = full_bar + STAGES * 8;       // STAGES more
+  // SSMEM: STAGES slots of SCALE_SLOT floats after the barriers
+  float* scales_smem = reinterpret_cast<float*>(smem + STAGES * STAGE_BYTES + STAGES * 16);
   const int warp = threadIdx.x >> 5;
 
   if (threadIdx.x == CONSUMERS * 128) {
@@ -529,7 +633,7 @@ extern "C" __global__ void CLUSTER_DIMS __launch_bounds__(NTHREADS, 1)
     prefetch_tensor_map(&map_b);
 #pragma unroll
     for (int s = 0; s < STAGES; ++s) {
-      mbar_init(full_bar + 8 * s, 1);               // the producer's arrive + the TMA bytes
+      mbar_init(full_bar + 8 * s, SSMEM ? 32 : 1);  // the producer's arrive(s) + the TMA bytes
       mbar_init(empty_bar + 8 * s, MCAST * CONSUMERS * 4);  // each consumer warp of the cluster
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -546,13 +650,13 @@ extern "C" __global__ void CLUSTER_DIMS __launch_bounds__(NTHREADS, 1)
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS));
 #endif
     if (warp == CONSUMERS * 4)
-      produce(&map_a, &map_b, counts, ring, full_bar, empty_bar, N, K, G);
+      produce(&map_a, &map_b, counts, ring, full_bar, empty_bar, N, K, G, SA, SB, scales_smem, M);
   } else {  // consumer warpgroups
 #if CONSUMERS > 1
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CONSUMER_REGS));
 #endif
     consume(SA, SB, counts, out, out_scales, row_weights, row_token, ring, full_bar, empty_bar,
-            M, N, K, G);
+            M, N, K, G, scales_smem);
   }
 #if MCAST > 1
   cluster_sync();  // no CTA exits while the other may still arrive on its barriers

@@ -125,7 +125,15 @@ def test_swiglu_quant(counts, h, i, config):
 
 
 @pytest.mark.parametrize(
-    "config", ["swiglu_tma128", "swiglu_tma128c64", "swiglu_tma128x2", "swiglu_tma128b2"]
+    "config",
+    [
+        "swiglu_tma128",
+        "swiglu_tma128c64",
+        "swiglu_tma128ar",
+        "swiglu_tma128ss",
+        "swiglu_tma128x2",
+        "swiglu_tma128b2",
+    ],
 )
 @pytest.mark.parametrize("max_ctas", [1, 4])
 def test_swiglu_persistent_grid(config, max_ctas):
@@ -187,6 +195,10 @@ def test_expert_mlp(which, counts, h, i, num_tokens):
         ("tma128n256", 3),
         ("tma128n256c64", None),
         ("tma128n256c64", 3),
+        ("tma128n256ar", None),
+        ("tma128n256ar", 3),
+        ("tma128n256ss", None),
+        ("tma128n256ss", 3),
         ("tma128", 5),
     ],
 )

@@ -109,6 +109,8 @@ PREFILL_CONFIGS = [
     "tma128n256x2",
     "tma128n256",
     "tma128n256c64",
+    "tma128n256ar",
+    "tma128n256ss",
     "tma128",
 ]
 TMA_CONFIGS = [c for c, v in CONFIGS.items() if v.get("TMA") and not c.startswith("swiglu")]
