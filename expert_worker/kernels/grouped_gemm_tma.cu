@@ -227,6 +227,20 @@ __device__ __forceinline__ bool unit_tile(const int* __restrict__ counts, int G,
   return true;
 }
 
+// SSMEM: the k-block's scales of this tile into a slot, one lane's share: BM activation row
+// scales (rows past M read row M - 1; their results are never stored), then NSUB weight block
+// scales.
+__device__ __forceinline__ void stage_scales(float* slot, const float* __restrict__ SA,
+                                             const float* __restrict__ SB, int lane, int row0,
+                                             int g, int n_tile, int kb, int M, int N, int KB) {
+#pragma unroll
+  for (int i = 0; i < BM / 32; ++i) {
+    const int r = lane + 32 * i;
+    slot[r] = __ldg(SA + (u64)min(row0 + r, M - 1) * KB + kb);
+  }
+  if (lane < NSUB) slot[BM + lane] = __ldg(SB + (u64)(b_row(g, n_tile, lane, N) / 128) * KB + kb);
+}
+
 // Producer warp: per tile and k-block, wait for a free stage, then TMA the A and B tiles into it.
 // Lane 0 issues; the whole warp walks the tiles (find_tile is a warp-wide scan).
 __device__ __forceinline__ void produce(const TensorMap* map_a, const TensorMap* map_b,
@@ -243,74 +257,51 @@ __device__ __forceinline__ void produce(const TensorMap* map_a, const TensorMap*
   for (int unit = blockIdx.x / MCAST;; unit += gridDim.x / MCAST) {
     int g, row0, rows, n_tile;
     if (!unit_tile(counts, G, unit, units, rank, g, row0, rows, n_tile)) break;
-    [[maybe_unused]] const bool alive = rows > 0;
-#if SSMEM
-    // The whole warp: lane 0 posts the stage's bytes and issues its TMA copies, every lane
-    // stages scales and then arrives (full[s] counts 32 arrivals), which publishes them.
-    for (int kb = 0; kb < KB; ++kb) {
-      mbar_wait(empty_bar + 8 * s, phase ^ 1);
-      const u32 dst = ring + s * STAGE_BYTES, bar = full_bar + 8 * s;
-      if (lane == 0) {
-        mbar_expect_tx(bar, STAGE_BYTES);
-        tma_load_2d(dst, map_a, bar, kb * BK, row0);
-#pragma unroll
-        for (int sub = 0; sub < NSUB; ++sub)
-          tma_load_2d(dst + A_BYTES + sub * 128 * BK, map_b, bar, kb * BK,
-                      b_row(g, n_tile, sub, N));
-      }
-      float* slot = scales_smem + s * SCALE_SLOT;
-#pragma unroll
-      for (int i = 0; i < BM / 32; ++i) {
-        const int r = lane + 32 * i;  // rows past M read row M - 1; never stored
-        slot[r] = __ldg(SA + (u64)min(row0 + r, M - 1) * KB + kb);
-      }
-      if (lane < NSUB)
-        slot[BM + lane] = __ldg(SB + (u64)(b_row(g, n_tile, lane, N) / 128) * KB + kb);
-      mbar_arrive(bar);
-      if (++s == STAGES) {
-        s = 0;
-        phase ^= 1;
-      }
-    }
-#else
-    if (lane == 0) {
+    const bool alive = rows > 0;
+    // Lane 0 posts each stage's bytes and issues its TMA copies. With SSMEM the whole warp also
+    // stages the k-block's scales and then arrives (full[s] counts 32 arrivals), which
+    // publishes them with the stage; otherwise the other lanes wait at the __syncwarp below.
+    if (SSMEM || lane == 0) {
       for (int kb = 0; kb < KB; ++kb) {
         mbar_wait(empty_bar + 8 * s, phase ^ 1);  // a fresh barrier passes parity 1 at once
         const u32 dst = ring + s * STAGE_BYTES, bar = full_bar + 8 * s;
         if (PROBE == 2 && !(first && kb < STAGES)) {
           mbar_arrive(bar);
-          if (++s == STAGES) {
-            s = 0;
-            phase ^= 1;
-          }
-          continue;
-        }
-        // Bytes landing here: all of A (both halves when shared) unless no rows, all of B.
-        mbar_arrive_expect_tx(bar, alive ? STAGE_BYTES : B_BYTES);
+        } else if (lane == 0) {
+          // Bytes landing here: all of A (both halves when shared) unless no rows, all of B.
+          // SSMEM: the arrivals come after the scales, so only the bytes are posted here.
+          if (SSMEM)
+            mbar_expect_tx(bar, STAGE_BYTES);
+          else
+            mbar_arrive_expect_tx(bar, alive ? STAGE_BYTES : B_BYTES);
 #if SHARE_A
-        tma_load_2d_multicast(dst + rank * A_BOX_ROWS * BK, map_a, bar, kb * BK,
-                              row0 + rank * A_BOX_ROWS, (1 << MCAST) - 1);
+          tma_load_2d_multicast(dst + rank * A_BOX_ROWS * BK, map_a, bar, kb * BK,
+                                row0 + rank * A_BOX_ROWS, (1 << MCAST) - 1);
 #else
-        if (alive) tma_load_2d(dst, map_a, bar, kb * BK, row0);
+          if (alive) tma_load_2d(dst, map_a, bar, kb * BK, row0);
 #endif
 #if SHARE_B
 #pragma unroll
-        for (int sub = rank; sub < NSUB; sub += MCAST)
-          tma_load_2d_multicast(dst + A_BYTES + sub * 128 * BK, map_b, bar, kb * BK,
-                                b_row(g, n_tile, sub, N), (1 << MCAST) - 1);
+          for (int sub = rank; sub < NSUB; sub += MCAST)
+            tma_load_2d_multicast(dst + A_BYTES + sub * 128 * BK, map_b, bar, kb * BK,
+                                  b_row(g, n_tile, sub, N), (1 << MCAST) - 1);
 #else
 #pragma unroll
-        for (int sub = 0; sub < NSUB; ++sub)
-          tma_load_2d(dst + A_BYTES + sub * 128 * BK, map_b, bar, kb * BK,
-                      b_row(g, n_tile, sub, N));
+          for (int sub = 0; sub < NSUB; ++sub)
+            tma_load_2d(dst + A_BYTES + sub * 128 * BK, map_b, bar, kb * BK,
+                        b_row(g, n_tile, sub, N));
 #endif
+        }
+        if (SSMEM) {
+          stage_scales(scales_smem + s * SCALE_SLOT, SA, SB, lane, row0, g, n_tile, kb, M, N, KB);
+          mbar_arrive(bar);
+        }
         if (++s == STAGES) {
           s = 0;
           phase ^= 1;
         }
       }
     }
-#endif
     first = false;
     __syncwarp();
   }
