@@ -35,7 +35,8 @@ EPI_WEIGHTED_ADD = 2  # out[row_token[r]] += row_weight[r] * C[r] in float32
 # with two partial sets, so its promotions overlap its own next chunk (grouped_gemm_tma.cu).
 # AREG=1 (suffix ar): each consumer warp loads its rows of A into registers once per k-block and
 # both n128 halves read A from there (wgmma RS form), halving A's shared-memory reads.
-# SSMEM=1 (suffix ss): the producer warp stages each k-block's scales in shared memory.
+# SSMEM=1 (suffix ss): the producer warp stages each k-block's scales in shared memory; with
+# either CHUNK (ssc64: staged scales and n64 chunks).
 CONFIGS: dict[str, dict[str, int]] = {
     "tma128n256b2": dict(TMA=1, BM=128, BN=256, STAGES=4, MCAST=2, MCAST_B=1),
     "tma128n256x2": dict(TMA=1, BM=128, BN=256, STAGES=4, MCAST=2),
@@ -43,6 +44,7 @@ CONFIGS: dict[str, dict[str, int]] = {
     "tma128n256c64": dict(TMA=1, BM=128, BN=256, STAGES=4, MCAST=1, CHUNK=64),
     "tma128n256ar": dict(TMA=1, BM=128, BN=256, STAGES=4, MCAST=1, AREG=1),
     "tma128n256ss": dict(TMA=1, BM=128, BN=256, STAGES=4, MCAST=1, SSMEM=1),
+    "tma128n256ssc64": dict(TMA=1, BM=128, BN=256, STAGES=4, MCAST=1, SSMEM=1, CHUNK=64),
     "tma128": dict(TMA=1, BM=128, BN=128, STAGES=6, MCAST=1),
     "wg128": dict(WGMMA=1, BM=128, BN=128, WM=8, WN=1, STAGES=6),
     "wg128n256": dict(WGMMA=1, BM=128, BN=256, WM=8, WN=1, STAGES=4),
@@ -58,6 +60,7 @@ CONFIGS: dict[str, dict[str, int]] = {
     "swiglu_tma128c64": dict(TMA=1, BM=128, BN=256, STAGES=4, MCAST=1, CHUNK=64),
     "swiglu_tma128ar": dict(TMA=1, BM=128, BN=256, STAGES=4, MCAST=1, AREG=1),
     "swiglu_tma128ss": dict(TMA=1, BM=128, BN=256, STAGES=4, MCAST=1, SSMEM=1),
+    "swiglu_tma128ssc64": dict(TMA=1, BM=128, BN=256, STAGES=4, MCAST=1, SSMEM=1, CHUNK=64),
     "swiglu_wg128": dict(WGMMA=1, BM=128, BN=256, WM=8, WN=1, STAGES=4),
     "swiglu_wg64": dict(WGMMA=1, BM=64, BN=256, WM=4, WN=1, STAGES=4),
     "swiglu_m64": dict(BM=64, BN=256, WM=2, WN=4, STAGES=4),

@@ -30,7 +30,8 @@
 //     have read it: each consumer warp arrives on the empty barrier of both CTAs.
 //   - Ragged groups: the A box at the tile's first row reads past the group's end (those rows
 //     are computed and never stored) and past M (TMA fills zeros). The activation and weight
-//     scales are read by the consumers from global memory (L2), one k-block ahead.
+//     scales are read by the consumers from global memory (L2), one k-block ahead, or with
+//     SSMEM from shared memory, where the producer staged them with the stage.
 //
 // Compile-time configuration (NVRTC -D options):
 //   BM      64 or 128 rows per tile (one consumer warpgroup per 64 rows)
@@ -44,16 +45,18 @@
 //           promotes, twice per k-block at BN = 256 (the tensor cores stay busy only through the
 //           other warpgroup). 64: software-pipelined n64 chunks: wgmma m64n64k32 into one of two
 //           32-register partial sets while the other set is promoted, so each warpgroup keeps a
-//           chunk in flight across its own promotion (wait_group 1) and across k-blocks.
+//           chunk in flight across its own promotion (wait_group 1) within the k-block. Scales
+//           as at 128: from global memory one k-block ahead, or with SSMEM from the stage's slot.
 //   AREG    1 (CHUNK 128 only): each consumer warp loads its 16 rows of the A tile from shared
 //           memory into registers once per k-block (ldmatrix, the mma.m16n8k32 fragment, which
 //           is also wgmma's register fragment of A) and both n128 halves take A from there
 //           (wgmma RS form): 8 KB instead of 16 KB of A read from shared memory per warpgroup
 //           per k-block, for 16 more registers per thread.
-//   SSMEM   1 (CHUNK 128, no clusters): the producer warp also stages each k-block's scales in
-//           shared memory (BM row scales of A, NSUB block scales of B, next to the ring), and the
-//           consumers read them there after the stage's full barrier, in place of four global
-//           loads per thread per k-block.
+//   SSMEM   1 (no clusters, either CHUNK): the producer warp also stages each k-block's scales
+//           in shared memory (a slot per stage: BM row scales of A, NSUB block scales of B, next
+//           to the ring), and the consumers read them there after the stage's full barrier and
+//           before they free the stage (the producer then reuses the slot), in place of four
+//           global loads per thread per k-block.
 //   PROBE   timing experiments only, results are wrong (never in CONFIGS): 1 skips the promotion
 //           but for the last k-block, 2 loads each stage of the ring once (the first tile) and
 //           then only signals it, 3 makes the consumers wait for and free each stage without
@@ -111,7 +114,7 @@ static_assert(MCAST == 1 || MCAST == 2, "MCAST: one CTA, or clusters of two");
 static_assert(!SHARE_B || NSUB % MCAST == 0, "sharing B: each CTA loads NSUB / MCAST n128 halves");
 static_assert(CHUNK == 128 || (CHUNK == 64 && BN == 256), "CHUNK 64: four n64 chunks per k-block");
 static_assert(!AREG || CHUNK == 128, "AREG: A from registers for the n128 sub-tiles");
-static_assert(!SSMEM || (CHUNK == 128 && MCAST == 1 && PROBE == 0), "SSMEM: plain v3 tiles only");
+static_assert(!SSMEM || (MCAST == 1 && PROBE == 0), "SSMEM: no clusters, no timing probes");
 #define SCALE_SLOT (BM + 4)  // floats per stage of staged scales: BM of A, NSUB (<= 2) of B
 
 // Registers per thread after setmaxnreg (two consumer warpgroups): 40 x 128 + 232 x 256 <= 64K.
@@ -241,6 +244,16 @@ __device__ __forceinline__ void stage_scales(float* slot, const float* __restric
   if (lane < NSUB) slot[BM + lane] = __ldg(SB + (u64)(b_row(g, n_tile, lane, N) / 128) * KB + kb);
 }
 
+// SSMEM: a consumer thread's scales from a stage's slot: its rows r_lo and r_lo + 8, the NSUB
+// weight blocks. Read after the stage's full barrier and before the stage is released.
+__device__ __forceinline__ void slot_scales(const float* slot, int r_lo, float& sa0, float& sa1,
+                                            float* sb) {
+  sa0 = slot[r_lo];
+  sa1 = slot[r_lo + 8];
+#pragma unroll
+  for (int sub = 0; sub < NSUB; ++sub) sb[sub] = slot[BM + sub];
+}
+
 // Producer warp: per tile and k-block, wait for a free stage, then TMA the A and B tiles into it.
 // Lane 0 issues; the whole warp walks the tiles (find_tile is a warp-wide scan).
 __device__ __forceinline__ void produce(const TensorMap* map_a, const TensorMap* map_b,
@@ -347,20 +360,28 @@ __device__ __forceinline__ void promote_n64(float* acc, const float* p, float s0
 // this warpgroup's next chunk is on the tensor cores (the fourth overlaps the other warpgroup's
 // wgmma only). Nothing stays in flight past the k-block: ptxas follows wait_group 1 only within
 // straight-line code and serialises every wgmma of the kernel otherwise (warning C7514).
-// Frees stage s, advances (s, phase) and the scales (sa0, sa1, sb: this k-block's on entry,
-// the next one's on exit).
+// Frees stage s and advances (s, phase). Scales (sa0, sa1, sb): from global memory, this
+// k-block's on entry and the next one's on exit; SSMEM: read from stage s's slot (scales_smem,
+// rows r_lo and r_lo + 8) once it is full, and all used before the stage is freed.
 __device__ __forceinline__ void kblock_n64(float* acc, float* p0, float* p1, u32 ring, u32 full_bar,
                                            u32 empty_bar, int& s, int& phase, int wg, int lane,
                                            int kb, int KB, const float* sa_lo, const float* sa_hi,
-                                           const float* const* sb_row, float& sa0, float& sa1,
+                                           const float* const* sb_row,
+                                           [[maybe_unused]] const float* scales_smem,
+                                           [[maybe_unused]] int r_lo, float& sa0, float& sa1,
                                            float* sb) {
+#if !SSMEM
   // Next k-block's scales, loaded while this one multiplies.
   const int kn = kb + 1 < KB ? kb + 1 : kb;
   const float nsa0 = __ldg(sa_lo + kn), nsa1 = __ldg(sa_hi + kn);
   const float nsb0 = __ldg(sb_row[0] + kn), nsb1 = __ldg(sb_row[1] + kn);
+#endif
   const bool promote = PROBE != 1 || kb == KB - 1;
   const u32 stage = ring + s * STAGE_BYTES;
   mbar_wait(full_bar + 8 * s, phase);
+#if SSMEM
+  slot_scales(scales_smem + s * SCALE_SLOT, r_lo, sa0, sa1, sb);  // this k-block's, staged
+#endif
   issue_n64(p0, stage, wg, 0);
   issue_n64(p1, stage, wg, 1);
   wgmma_wait1();
@@ -376,16 +397,18 @@ __device__ __forceinline__ void kblock_n64(float* acc, float* p0, float* p1, u32
   if (promote) promote_n64<2>(acc, p0, sa0 * sb[1], sa1 * sb[1]);
   wgmma_wait0();
   fence_regs<32>(p1);
-  release(empty_bar + 8 * s, lane);  // all four chunks of this stage are read
+  release(empty_bar + 8 * s, lane);  // all four chunks of this stage (and its scales) are read
   if (promote) promote_n64<3>(acc, p1, sa0 * sb[1], sa1 * sb[1]);
   if (++s == STAGES) {
     s = 0;
     phase ^= 1;
   }
+#if !SSMEM
   sa0 = nsa0;
   sa1 = nsa1;
   sb[0] = nsb0;
   sb[1] = nsb1;
+#endif
 }
 
 // AREG: this warp's 16 rows of the stage's A tile (BK = 128 bytes each, 128-byte swizzle: chunk
@@ -449,7 +472,7 @@ __device__ __forceinline__ void consume(const float* __restrict__ SA, const floa
       float p0[32], p1[32];
       for (int kb = 0; kb < KB; ++kb)
         kblock_n64(acc, p0, p1, ring, full_bar, empty_bar, s, phase, wg, lane, kb, KB, sa_lo,
-                   sa_hi, sb_row, sa0, sa1, sb);
+                   sa_hi, sb_row, scales_smem, r_lo, sa0, sa1, sb);
     } else {
       for (int kb = 0; kb < KB; ++kb) {  // no rows here: the stage only carried B for the other CTA
         mbar_wait(full_bar + 8 * s, phase);
@@ -464,13 +487,7 @@ __device__ __forceinline__ void consume(const float* __restrict__ SA, const floa
     for (int kb = 0; kb < KB; ++kb) {
 #if SSMEM
       mbar_wait(full_bar + 8 * s, phase);
-      {  // this k-block's scales, staged with the stage by the producer
-        const float* slot = scales_smem + s * SCALE_SLOT;
-        sa0 = slot[r_lo];
-        sa1 = slot[r_lo + 8];
-#pragma unroll
-        for (int sub = 0; sub < NSUB; ++sub) sb[sub] = slot[BM + sub];
-      }
+      slot_scales(scales_smem + s * SCALE_SLOT, r_lo, sa0, sa1, sb);  // this k-block's, staged
 #else
       // Next k-block's scales, loaded while this one multiplies.
       const int kn = kb + 1 < KB ? kb + 1 : kb;

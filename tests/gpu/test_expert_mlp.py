@@ -131,6 +131,7 @@ def test_swiglu_quant(counts, h, i, config):
         "swiglu_tma128c64",
         "swiglu_tma128ar",
         "swiglu_tma128ss",
+        "swiglu_tma128ssc64",
         "swiglu_tma128x2",
         "swiglu_tma128b2",
     ],
@@ -199,6 +200,8 @@ def test_expert_mlp(which, counts, h, i, num_tokens):
         ("tma128n256ar", 3),
         ("tma128n256ss", None),
         ("tma128n256ss", 3),
+        ("tma128n256ssc64", None),
+        ("tma128n256ssc64", 3),
         ("tma128", 5),
     ],
 )

@@ -111,6 +111,7 @@ PREFILL_CONFIGS = [
     "tma128n256c64",
     "tma128n256ar",
     "tma128n256ss",
+    "tma128n256ssc64",
     "tma128",
 ]
 TMA_CONFIGS = [c for c, v in CONFIGS.items() if v.get("TMA") and not c.startswith("swiglu")]
