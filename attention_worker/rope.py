@@ -80,13 +80,22 @@ class RotaryEmbedding(torch.nn.Module):
         # and is real even when the model is built on the meta device
         with torch.device("cpu"):
             self.inv_freq, self.attention_factor = inverse_frequencies(rope)
+        self._inv_freq_on: dict[torch.device, torch.Tensor] = {}  # copies on other devices
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        inv_freq = self.inv_freq.to(positions.device)
+        inv_freq = self._inv_freq(positions.device)
         freqs = positions[:, None].float() * inv_freq  # [T, d/2]
         cos = freqs.cos() * self.attention_factor
         sin = freqs.sin() * self.attention_factor
         return cos.to(dtype), sin.to(dtype)
+
+    def _inv_freq(self, device: torch.device) -> torch.Tensor:
+        """inv_freq on `device`, copied there once (a copy per call cannot be in a CUDA graph)."""
+        if device.type == "cpu":
+            return self.inv_freq
+        if device not in self._inv_freq_on:
+            self._inv_freq_on[device] = self.inv_freq.to(device)
+        return self._inv_freq_on[device]
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [T, h, d] -> [T, h, d]. Interleaved input pairs (x0, x1), (x2, x3)... come out

@@ -26,8 +26,11 @@ prompts, 1 new token each, until every first token arrived), decode tokens/s and
 token (B prompts, 1 + --new-tokens each: tokens received while every sequence is decoding, over
 that window). The per-step split comes from profiled decode steps (`router.profiler`; for the
 cluster a second router on the same workers with --profile-steps, so the timed runs carry no
-synchronizations): ms per decode step in attention, gating, dispatch, experts (remote: waiting
-for the workers, their longest compute in brackets), combine, sampling, and the rest. Wire bytes
+synchronizations): ms per decode step in graphs (the dense segments replayed from CUDA graphs,
+router.decode_graphs; attention and gating are then in there), attention, gating, dispatch,
+experts (remote: waiting for the workers, their longest compute in brackets), combine, sampling,
+and the rest. Routers on a GPU decode from CUDA graphs (--local-graphs off, or
+--router-args='--cuda-graphs off', for the eager path). Wire bytes
 per token are the router's `moe_router_dispatch_bytes_total` (sent + received, all workers):
 per prompt token in the prefill run, per generated token in the decode steps.
 
@@ -71,7 +74,7 @@ from procstat import children_by_parent, rss_by_kind, rss_mib  # noqa: E402
 
 from moe_core.host_threads import apply_cpu_threads  # noqa: E402
 
-PHASE_COLUMNS = ("attention", "gating", "dispatch", "experts", "combine", "sampling")
+PHASE_COLUMNS = ("graphs", "attention", "gating", "dispatch", "experts", "combine", "sampling")
 MODEL_VERSION = "1"  # bump when the written checkpoint changes
 
 
@@ -311,6 +314,7 @@ def run_local(model_dir: Path, args, vocab: int) -> list[Row]:
     from attention_worker.kv_cache import KVCache
     from expert_worker.experts import ExpertShard
     from moe_core.spec import ModelSpec
+    from router.decode_graphs import DecodeGraphs
     from router.engine import Engine, GenerationRequest
     from router.expert_backend import LocalExpertBackend
     from router.model import load_model
@@ -326,7 +330,9 @@ def run_local(model_dir: Path, args, vocab: int) -> list[Row]:
     print(f"local: loaded in {time.perf_counter() - start:.0f} s", flush=True)
     max_len = args.prompt_len + args.new_tokens + 8
     max_batch = max(args.batches)
-    cache = KVCache(spec, max_batch, max_len, args.device, torch.bfloat16)
+    graphs_on = args.local_graphs == "on" and torch.device(args.device).type == "cuda"
+    cache = KVCache(spec, max_batch + graphs_on, max_len, args.device, torch.bfloat16)
+    graphs = DecodeGraphs(model, cache, max_batch) if graphs_on else None
     scheduler = Scheduler(
         cache,
         max_batch_size=max_batch,
@@ -336,7 +342,7 @@ def run_local(model_dir: Path, args, vocab: int) -> list[Row]:
     )
 
     async def main() -> list[Row]:
-        engine = Engine(model, cache, scheduler)
+        engine = Engine(model, cache, scheduler, graphs=graphs)
         await engine.start()
 
         async def stream(prompt, new):
@@ -672,10 +678,11 @@ async def _soak(cluster, profiled, stream, args, vocab) -> list[dict]:
 
 def print_table(rows: list[Row]) -> None:
     print(
-        "\n| system | batch | prefill tok/s | decode tok/s | ms/token | attention | gating | "
-        "dispatch | experts (worker) | combine | sampling | rest | KB/token prefill, decode |"
+        "\n| system | batch | prefill tok/s | decode tok/s | ms/token | graphs | attention | "
+        "gating | dispatch | experts (worker) | combine | sampling | rest | KB/token prefill, "
+        "decode |"
     )
-    print("| --- " * 13 + "|")
+    print("| --- " * 14 + "|")
     for r in rows:
         p = r.phases_ms
 
@@ -690,7 +697,8 @@ def print_table(rows: list[Row]) -> None:
             wire = f"{r.wire_kb_prefill:.1f}, {r.wire_kb_decode:.1f}"
         print(
             f"| {r.system} | {r.batch} | {r.prefill_tok_s:,.0f} | {r.decode_tok_s:,.0f} | "
-            f"{r.ms_per_token:.1f} | {ms('attention')} | {ms('gating')} | {ms('dispatch')} | "
+            f"{r.ms_per_token:.1f} | {ms('graphs')} | {ms('attention')} | {ms('gating')} | "
+            f"{ms('dispatch')} | "
             f"{experts} | {ms('combine')} | {ms('sampling')} | {ms('rest')} | {wire} |"
         )
 
@@ -808,6 +816,13 @@ def main() -> None:
         "--worker-args",
         default="",
         help="more options of every cluster worker, e.g. '--fronts 2' (one string)",
+    )
+    parser.add_argument(
+        "--local-graphs",
+        choices=["on", "off"],
+        default="on",
+        help="local: decode steps from CUDA graphs, as a router does by default (cluster "
+        "routers: --router-args='--cuda-graphs off')",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write rows and memory here")
     parser.add_argument("--tiny", action="store_true", help="a small model, for a quick check")

@@ -73,6 +73,8 @@ class RouterConfig:
     # micro-batches per step (ping-pong of attention and expert calls); None = chosen from the
     # measured times (router.overlap). 1 by default: measured, the split does not pay yet
     micro_batches: int | None = 1
+    # decode steps from CUDA graphs on a GPU (router.decode_graphs); unsplit steps only
+    cuda_graphs: bool = True
     # processes that send the calls to the workers (router.forwarders); 0 = the router's own
     # event loop
     forwarders: int = 0

@@ -1,7 +1,8 @@
 """The router's engine: one background step loop over the model, the KV cache and the scheduler.
 
 Each step: the scheduler picks the sequences (continuous batching) -> `StepBatch` -> the model's
-forward and the sampling run on a dedicated thread (the event loop keeps serving, and the expert
+forward (decode steps from CUDA graphs when the engine has them, router.decode_graphs) and the
+sampling run on a dedicated thread (the event loop keeps serving, and the expert
 calls the model makes are driven by it) -> the scheduler records the tokens -> every request's
 queue gets its new token. A step that fails fails only its requests; the loop goes on.
 """
@@ -20,6 +21,7 @@ import torch
 
 from attention_worker.batch import StepBatch
 from attention_worker.kv_cache import KVCache
+from router.decode_graphs import DecodeGraphs
 from router.expert_backend import ExpertsUnavailableError
 from router.metrics import RouterMetrics
 from router.model import MoEModel
@@ -72,8 +74,10 @@ class Engine:
         scheduler: Scheduler,
         metrics: RouterMetrics | None = None,  # None: no metrics
         overlap: OverlapPolicy | None = None,  # None: steps are never split
+        graphs: DecodeGraphs | None = None,  # None: decode steps run eagerly
     ) -> None:
         self.model = model
+        self.graphs = graphs
         self.cache = cache
         self.scheduler = scheduler
         self.metrics = metrics
@@ -265,7 +269,11 @@ class Engine:
         started = time.perf_counter()
         with torch.inference_mode():
             if parts == 1:
-                logits = self.model.forward(StepBatch.build(step.entries, self.device), self.cache)
+                batch = StepBatch.build(step.entries, self.device)
+                if self.graphs is not None and self.graphs.accepts(batch):
+                    logits = self.graphs.forward(batch)
+                else:
+                    logits = self.model.forward(batch, self.cache)
                 dropped = experts.take_dropped()
             else:
                 lengths = split_evenly([len(entry[2]) for entry in step.entries], parts)

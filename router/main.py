@@ -126,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 1: on the GPU the split measured slower, see docs/performance.md)",
     )
     serve.add_argument(
+        "--cuda-graphs",
+        choices=["on", "off"],
+        default="on",
+        help="on a GPU, run decode steps from CUDA graphs of the dense layers, captured per "
+        "batch and cache-length bucket on first use (default on)",
+    )
+    serve.add_argument(
         "--forwarders",
         type=int,
         default=0,
@@ -186,6 +193,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         forwarders=args.forwarders,
         forwarder_min_bytes=int(args.forwarder_min_mib * (1 << 20)),
         micro_batches=_micro_batches(args.micro_batches),
+        cuda_graphs=args.cuda_graphs == "on",
         profile_steps=args.profile_steps,
         worker_tls_server_name=args.worker_tls_server_name,
         max_prompt_len=args.max_prompt_len,

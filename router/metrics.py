@@ -202,6 +202,18 @@ class RouterMetrics:
             "expert calls).",
             ["micro_batches"],
         )
+        self.graph_steps = counter(
+            "graph_steps_total",
+            "Decode steps run from CUDA graphs (--cuda-graphs, on a GPU); the other steps run "
+            "eagerly.",
+        )
+        self.graph_captures = counter(
+            "graph_captures_total",
+            "Buckets (batch size, cache length) of decode graphs captured, each on first use.",
+        )
+        self.graph_capture_seconds = counter(
+            "graph_capture_seconds_total", "Seconds spent capturing decode graphs."
+        )
         self.step_failures = counter(
             "step_failures_total",
             "Steps that failed; their requests (or those that chose lost experts) failed.",
@@ -285,6 +297,13 @@ class RouterMetrics:
 
     def record_micro_batches(self, parts: int) -> None:
         self.step_micro_batches.labels(str(parts)).inc()
+
+    def record_graph_step(self) -> None:
+        self.graph_steps.inc()
+
+    def record_graph_capture(self, seconds: float) -> None:
+        self.graph_captures.inc()
+        self.graph_capture_seconds.inc(seconds)
 
     def record_step_failure(self) -> None:
         self.step_failures.inc()

@@ -83,16 +83,29 @@ class MoELayer(nn.Module):
         shared = None
         if self.shared is not None:
             with _phase(profiler, "shared_experts"):
-                shared = self.shared(x)  # [T, H]
-                if self.shared_gate is not None:
-                    shared = torch.sigmoid(self.shared_gate(x)) * shared  # [T, H]
+                shared = self.shared_output(x)  # [T, H]
         return _PendingMoE(handle, shared, x.dtype)
 
     def finish(self, pending: _PendingMoE) -> torch.Tensor:
         """Waits for the routed experts -> [T, H], the layer's output."""
         with _phase(self.profiler, "combine"):
-            routed = self.experts.combine(pending.handle).to(pending.dtype)  # [T, H]
-            return routed if pending.shared is None else routed + pending.shared
+            routed = self.experts.combine(pending.handle)  # [T, H] float32
+            return self.merge(routed, pending.shared, pending.dtype)
+
+    def shared_output(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x [T, H] -> the shared experts' output [T, H]; None when the layer has none."""
+        if self.shared is None:
+            return None
+        shared = self.shared(x)  # [T, H]
+        if self.shared_gate is not None:
+            shared = torch.sigmoid(self.shared_gate(x)) * shared  # [T, H]
+        return shared
+
+    @staticmethod
+    def merge(routed: torch.Tensor, shared: torch.Tensor | None, dtype: torch.dtype):
+        """routed [T, H] float32 (the backend's combine) + shared [T, H] -> [T, H] in dtype."""
+        routed = routed.to(dtype)
+        return routed if shared is None else routed + shared
 
 
 @dataclass
@@ -121,13 +134,21 @@ class DecoderLayer(nn.Module):
         """The layer's forward of x [T, H] -> [T, H], pausing once while an MoE layer's tokens
         are at the experts (`MoEModel` drives it)."""
         with _phase(self.profiler, "attention"):
-            x = x + self.attn(self.attn_norm(x), layout, cache, rope, cos, sin)  # [T, H]
+            x = self.attend(x, layout, cache, rope, cos, sin)  # [T, H]
         if not self.is_moe:
             with _phase(self.profiler, "dense_mlp"):
-                return x + self.mlp(self.mlp_norm(x))  # [T, H]
+                return self.dense(x)  # [T, H]
         pending = self.mlp.start(self.mlp_norm(x))  # the MoE layer times its own phases
         yield
         return x + self.mlp.finish(pending)  # [T, H]
+
+    def attend(self, x, layout, cache, rope, cos, sin) -> torch.Tensor:
+        """x [T, H] -> x + attention(norm(x)) [T, H]; writes the step's keys to the cache."""
+        return x + self.attn(self.attn_norm(x), layout, cache, rope, cos, sin)
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        """A dense layer's MLP: x [T, H] -> x + mlp(norm(x)) [T, H]."""
+        return x + self.mlp(self.mlp_norm(x))
 
 
 class MoEModel(nn.Module):
@@ -221,13 +242,22 @@ class MoEModel(nn.Module):
             self.profiler.start_step(decode=max(batch.num_new) == 1)
         with _phase(self.profiler, "embed"):
             layout = batch.layout()
-            x = self.embed(batch.token_ids)  # [T, H]
-            cos, sin = self.rope(batch.positions, x.dtype)  # [T, d/2] each
+            x, cos, sin = self.embed_tokens(batch.token_ids, batch.positions)
         for layer in self.layers:
             x = yield from layer.steps(x, layout, cache, self.rope, cos, sin)  # [T, H]
         with _phase(self.profiler, "lm_head"):
-            x = self.norm(x[batch.logits_rows])  # [R, H]
-            return self.lm_head(x).float()  # [R, V]
+            return self.head(x[batch.logits_rows])  # [R, V]
+
+    def embed_tokens(self, token_ids: torch.Tensor, positions: torch.Tensor):
+        """token_ids, positions [T] int64 -> (x [T, H], cos, sin [T, d/2]): the embeddings and
+        the rotary tables of the step."""
+        x = self.embed(token_ids)  # [T, H]
+        cos, sin = self.rope(positions, x.dtype)  # [T, d/2] each
+        return x, cos, sin
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """x [R, H] (the rows whose logits are returned) -> logits [R, V] float32."""
+        return self.lm_head(self.norm(x)).float()
 
 
 def load_model(

@@ -18,7 +18,12 @@ Phases (exclusive: a phase nested in another is not counted in its parent):
 | `experts` | the routed experts: waiting for the workers (compute + transport), or in-process |
 | `combine` | decoding the workers' results and adding them up, then the residual add |
 | `lm_head` | final norm and output head |
+| `graphs` | decode steps under CUDA graphs: the replays of the dense segments (below) |
 | `sampling` | picking the next tokens |
+
+A decode step run from CUDA graphs (router.decode_graphs) replays its embedding, attention,
+norms, dense MLPs, gating and LM head as a few graphs, timed as `graphs`: those phases are then 0,
+and `combine` leaves out the residual add (it is in the next graph).
 
 `worker_compute` (remote backend) is informational, not a phase: per MoE layer the longest
 `compute_seconds` that a worker reported, summed over layers; it is part of `experts`.
@@ -43,6 +48,7 @@ PHASES = (
     "experts",
     "combine",
     "lm_head",
+    "graphs",
     "sampling",
 )
 INFO = ("worker_compute",)

@@ -31,6 +31,7 @@ from protos import router_pb2, router_pb2_grpc
 from router import service
 from router.admission import Admission
 from router.config import Discovery, RouterConfig
+from router.decode_graphs import DecodeGraphs
 from router.dispatch import RemoteExpertBackend
 from router.engine import Engine
 from router.forwarders import ForwarderPool
@@ -141,9 +142,17 @@ async def build_router(config: RouterConfig, security: Security | None = None) -
         )
         if config.profile_steps:
             model.set_profiler(StepProfiler(config.device, metrics.record_profile))
-        cache = KVCache(
-            spec, config.max_batch_size, config.max_seq_len, config.device, config.dense_dtype
+        graphs_on = config.cuda_graphs and torch.device(config.device).type == "cuda"
+        cache = KVCache(  # with graphs, one more slot for their padding rows
+            spec,
+            config.max_batch_size + graphs_on,
+            config.max_seq_len,
+            config.device,
+            config.dense_dtype,
         )
+        graphs = None
+        if graphs_on:
+            graphs = DecodeGraphs(model, cache, config.max_batch_size, metrics=metrics)
     except BaseException:
         await workers.close()
         raise
@@ -155,7 +164,7 @@ async def build_router(config: RouterConfig, security: Security | None = None) -
         eos_token_ids=spec.eos_token_ids,
     )
     overlap = OverlapPolicy(len(spec.moe_layers), fixed=config.micro_batches)
-    engine = Engine(model, cache, scheduler, metrics, overlap)
+    engine = Engine(model, cache, scheduler, metrics, overlap, graphs)
     await engine.start()
     admission = Admission(config.max_concurrent_requests, config.max_waiting)
     return service.Router(config, spec, engine, workers, tokenizer, metrics, admission)

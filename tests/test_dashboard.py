@@ -37,6 +37,8 @@ def exercised_router() -> RouterMetrics:
     metrics.set_queue(waiting=1, running=2)
     metrics.record_step(sequences=2, tokens=5, seconds=0.01)
     metrics.record_step_failure()
+    metrics.record_graph_step()
+    metrics.record_graph_capture(0.1)
     metrics.record_expert_tokens(1, torch.bincount(torch.tensor([0, 2, 1, 3]), minlength=4))
     metrics.record_layer(1, 0.002)
     metrics.record_dispatch("10.0.0.1:50052", 100)

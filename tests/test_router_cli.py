@@ -1,4 +1,5 @@
-"""`moe-router serve`'s worker discovery options: static --workers, or kubernetes pods.
+"""`moe-router serve`'s options: worker discovery (static --workers, or kubernetes pods), and
+the others that only reach the configuration.
 
 Bad combinations end with usage status 2 and a message naming the options, before any model or
 worker is touched; the options the Helm chart passes are accepted as they are rendered.
@@ -130,3 +131,8 @@ def test_the_router_bounds_onednns_primitive_cache_unless_told_otherwise():
     environ = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"}  # the user's choice stays
     bound_onednn_cache(environ)
     assert environ == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"}
+
+
+def test_cuda_graphs_are_on_unless_turned_off():
+    assert config_of("--workers", "127.0.0.1:1").cuda_graphs
+    assert not config_of("--workers", "127.0.0.1:1", "--cuda-graphs", "off").cuda_graphs
