@@ -311,10 +311,9 @@ def split_ms(phases: dict[str, float], steps: int, step_seconds: float) -> dict[
 
 
 def run_local(model_dir: Path, args, vocab: int) -> list[Row]:
-    from attention_worker.kv_cache import KVCache
     from expert_worker.experts import ExpertShard
     from moe_core.spec import ModelSpec
-    from router.decode_graphs import DecodeGraphs
+    from router.decode_graphs import cache_and_graphs
     from router.engine import Engine, GenerationRequest
     from router.expert_backend import LocalExpertBackend
     from router.model import load_model
@@ -330,9 +329,10 @@ def run_local(model_dir: Path, args, vocab: int) -> list[Row]:
     print(f"local: loaded in {time.perf_counter() - start:.0f} s", flush=True)
     max_len = args.prompt_len + args.new_tokens + 8
     max_batch = max(args.batches)
-    graphs_on = args.local_graphs == "on" and torch.device(args.device).type == "cuda"
-    cache = KVCache(spec, max_batch + graphs_on, max_len, args.device, torch.bfloat16)
-    graphs = DecodeGraphs(model, cache, max_batch) if graphs_on else None
+    graphs_on = args.local_graphs == "on"
+    cache, graphs = cache_and_graphs(
+        model, max_batch, max_len, args.device, torch.bfloat16, graphs_on
+    )
     scheduler = Scheduler(
         cache,
         max_batch_size=max_batch,

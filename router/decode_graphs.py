@@ -106,6 +106,22 @@ class _Bucket:
         return order
 
 
+def cache_and_graphs(
+    model: MoEModel,
+    max_batch: int,
+    max_len: int,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    graphs: bool = True,
+    metrics: RouterMetrics | None = None,
+) -> tuple[KVCache, DecodeGraphs | None]:
+    """The KV cache for max_batch sequences of max_len, and the graphs over it when `graphs`
+    and the device is a GPU (None otherwise): their cache has one more slot, for padding."""
+    graphs = graphs and torch.device(device).type == "cuda"
+    cache = KVCache(model.spec, max_batch + graphs, max_len, device, dtype)
+    return cache, DecodeGraphs(model, cache, max_batch, metrics=metrics) if graphs else None
+
+
 class DecodeGraphs:
     """Runs decode steps of `model` over `cache` from captured segments (see the module doc).
 

@@ -270,7 +270,7 @@ class Engine:
         with torch.inference_mode():
             if parts == 1:
                 batch = StepBatch.build(step.entries, self.device)
-                if self.graphs is not None and self.graphs.accepts(batch):
+                if self.graphs is not None:  # eagerly where graphs do not apply
                     logits = self.graphs.forward(batch)
                 else:
                     logits = self.model.forward(batch, self.cache)

@@ -21,7 +21,6 @@ import grpc
 import torch
 from grpc_health.v1 import health
 
-from attention_worker.kv_cache import KVCache
 from moe_core import grpc_server
 from moe_core.interceptors import Drain
 from moe_core.metrics import start_metrics_server
@@ -31,7 +30,7 @@ from protos import router_pb2, router_pb2_grpc
 from router import service
 from router.admission import Admission
 from router.config import Discovery, RouterConfig
-from router.decode_graphs import DecodeGraphs
+from router.decode_graphs import cache_and_graphs
 from router.dispatch import RemoteExpertBackend
 from router.engine import Engine
 from router.forwarders import ForwarderPool
@@ -142,17 +141,15 @@ async def build_router(config: RouterConfig, security: Security | None = None) -
         )
         if config.profile_steps:
             model.set_profiler(StepProfiler(config.device, metrics.record_profile))
-        graphs_on = config.cuda_graphs and torch.device(config.device).type == "cuda"
-        cache = KVCache(  # with graphs, one more slot for their padding rows
-            spec,
-            config.max_batch_size + graphs_on,
+        cache, graphs = cache_and_graphs(
+            model,
+            config.max_batch_size,
             config.max_seq_len,
             config.device,
             config.dense_dtype,
+            config.cuda_graphs,
+            metrics,
         )
-        graphs = None
-        if graphs_on:
-            graphs = DecodeGraphs(model, cache, config.max_batch_size, metrics=metrics)
     except BaseException:
         await workers.close()
         raise

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from attention_worker.batch import StepBatch
-from router.decode_graphs import MIN_LENGTH, DecodeGraphs, bucket
+from router.decode_graphs import MIN_LENGTH, DecodeGraphs, bucket, cache_and_graphs
 
 # 3 sequences (padded to 4), the first one crossing the first cache-length bucket while decoding
 PROMPTS = [hf_models.random_prompt(n, seed=s) for n, s in ((MIN_LENGTH - 3, 61), (3, 62), (9, 63))]
@@ -112,3 +112,9 @@ def test_larger_batches_and_failed_captures_run_eagerly(tmp_path, monkeypatch):
     assert logits.shape == (2, model.spec.vocab_size)
     assert graphs.failed == "RuntimeError: cannot capture this"
     assert not graphs.buckets and not graphs.accepts(two)
+
+
+def test_a_cpu_gets_a_plain_cache_and_no_graphs(tmp_path):
+    model = hf_models.our_model(hf_models.build_model("mixtral", tmp_path / "m"))
+    cache, graphs = cache_and_graphs(model, 3, 32, "cpu", model.dtype)
+    assert graphs is None and cache.max_seqs == cache.num_free == 3
