@@ -21,10 +21,11 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from expert_worker import kernels
+from expert_worker import kernels, staging
 from moe_core.checkpoint import Checkpoint
 from moe_core.fp8 import BLOCK, FP8_DTYPE, num_blocks, quantize_weight
 from moe_core.naming import load_expert, load_expert_fp8
@@ -53,13 +54,31 @@ class LayerExperts:
 
 
 @dataclass
+class HostPlan:
+    """The (token, slot) pairs of one forward that name a held expert, R of them, grouped by
+    expert in the order of `ExpertShard.expert_ids`, on the host (numpy)."""
+
+    tokens: np.ndarray  # [R] int64: the token of each row
+    row_weights: np.ndarray  # [R] float32: its routing weight
+    rows_per_expert: np.ndarray  # [n] int32
+
+    def arrays(self) -> list[np.ndarray]:
+        return [self.tokens, self.row_weights, self.rows_per_expert]
+
+    def on(self, tensors: list[torch.Tensor]) -> RoutePlan:
+        """The plan over `arrays()` moved to a device (`staging.to_device`, same order)."""
+        tokens, row_weights, rows_per_expert = tensors
+        return RoutePlan(tokens, row_weights, rows_per_expert, self.rows_per_expert.tolist())
+
+
+@dataclass
 class RoutePlan:
     """The (token, slot) pairs of one forward that name a held expert, R of them, grouped by
     expert in the order of `ExpertShard.expert_ids`; tensors on the tokens' device."""
 
     tokens: torch.Tensor  # [R] int64: the token of each row
     row_weights: torch.Tensor  # [R] float32: its routing weight
-    rows_per_expert: torch.Tensor  # [n] int64
+    rows_per_expert: torch.Tensor  # [n] int32 (int64 when planned on the device)
     counts: list[int]  # rows_per_expert on the host
 
 
@@ -87,7 +106,7 @@ class ExpertShard:
         self.kernels = _pick_kernels(kernels, self.precision, self.device, spec.hidden_size)
         local = torch.full((spec.num_experts,), -1, dtype=torch.int64)  # global -> local
         local[list(self.expert_ids)] = torch.arange(len(self.expert_ids))
-        self._local_cpu, self._local = local, local.to(self.device)
+        self._local, self._local_np = local.to(self.device), local.numpy()
         self._tokens = [0] * len(self.expert_ids)  # tokens routed to each held expert
 
     @classmethod
@@ -155,7 +174,12 @@ class ExpertShard:
     def plan(
         self, expert_ids: torch.Tensor, weights: torch.Tensor, num_tokens: int, device: torch.device
     ) -> RoutePlan:
-        """The rows of `forward`, grouped by held expert; ValueError on an id not held here."""
+        """The rows of `forward`, grouped by held expert; ValueError on an id not held here.
+        ids and weights on the CPU: planned there (numpy), moved in one transfer, no sync."""
+        if expert_ids.device.type == "cpu":
+            self._check_routing(expert_ids, weights, num_tokens)
+            host = self.plan_host(expert_ids.numpy(), weights.float().numpy())
+            return host.on(staging.to_device(host.arrays(), torch.device(device)))
         local = self._local_ids(expert_ids, weights, num_tokens)  # [T, S], -1 = empty
         tok, slot = (local >= 0).nonzero(as_tuple=True)  # [R], [R]
         experts = local[tok, slot]  # [R]
@@ -163,10 +187,35 @@ class ExpertShard:
         tok, experts = tok[order], experts[order]
         row_weights = weights[tok, slot[order]].float()  # [R]
         bins = torch.bincount(experts, minlength=len(self.expert_ids))  # [n] rows per expert
-        counts = bins.tolist()
-        if tok.device != device:  # planned on the CPU: pinned, asynchronous copies
-            tok, row_weights, bins = (_to_device(t, device) for t in (tok, row_weights, bins))
-        return RoutePlan(tok, row_weights, bins, counts)
+        return RoutePlan(tok, row_weights, bins, bins.tolist())
+
+    def local_ids_host(self, ids: np.ndarray) -> np.ndarray:
+        """ids [T, S] integer global ids (numpy) -> [T, S] int64 local ids, -1 where the slot is
+        empty or names an expert not held here."""
+        num_experts = self.spec.num_experts
+        in_range = (ids >= 0) & (ids < num_experts)
+        return np.where(in_range, self._local_np[np.clip(ids, 0, num_experts - 1)], -1)
+
+    def plan_host(self, ids: np.ndarray, weights: np.ndarray) -> HostPlan:
+        """ids [T, S] integer global ids (-1 = empty slot), weights [T, S] float32 (numpy) ->
+        the rows of `forward` on the host; ValueError on an id not held here."""
+        local = self.local_ids_host(ids)
+        bad = (ids != -1) & (local < 0)
+        if bad.any():
+            token, slot = (int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(
+                f"expert_ids[{token}, {slot}] = {int(ids[token, slot])} is not held by this shard"
+            )
+        return self.group_rows(local, weights)
+
+    def group_rows(self, local: np.ndarray, weights: np.ndarray) -> HostPlan:
+        """local [T, S] local ids (-1 = no held expert), weights [T, S] float32 -> the plan."""
+        tok, slot = np.nonzero(local >= 0)  # [R] token-major, as torch's nonzero
+        experts = local[tok, slot]  # [R]
+        order = np.argsort(experts, kind="stable")  # group rows by expert
+        tok, slot = tok[order], slot[order]
+        bins = np.bincount(experts, minlength=len(self.expert_ids)).astype(np.int32)  # [n]
+        return HostPlan(tok.astype(np.int64), weights[tok, slot].astype(np.float32), bins)
 
     def record_load(self, plan: RoutePlan) -> None:
         """Counts the plan's rows into `expert_load` (a request refused after its compute
@@ -229,17 +278,19 @@ class ExpertShard:
             shape = None if x_scales is None else tuple(x_scales.shape)
             raise ValueError(f"fp8 tokens need x_scales {list(scales_shape)}, got {shape}")
 
-    def _local_ids(self, ids: torch.Tensor, weights: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    def _check_routing(self, ids: torch.Tensor, weights: torch.Tensor, num_tokens: int) -> None:
         if ids.dim() != 2 or ids.shape[0] != num_tokens or weights.shape != ids.shape:
             raise ValueError(
                 f"expert_ids {tuple(ids.shape)} and weights {tuple(weights.shape)} must both be "
                 f"[{num_tokens}, S]"
             )
+
+    def _local_ids(self, ids: torch.Tensor, weights: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        self._check_routing(ids, weights, num_tokens)
         ids = ids.long()
         used = ids != -1
         in_range = (ids >= 0) & (ids < self.spec.num_experts)
-        table = self._local_cpu if ids.device.type == "cpu" else self._local
-        local = torch.where(in_range, table[ids.clamp(0, self.spec.num_experts - 1)], -1)
+        local = torch.where(in_range, self._local[ids.clamp(0, self.spec.num_experts - 1)], -1)
         bad = used & (local < 0)
         if bool(bad.any()):
             token, slot = (int(i) for i in bad.nonzero()[0])
@@ -247,12 +298,6 @@ class ExpertShard:
                 f"expert_ids[{token}, {slot}] = {int(ids[token, slot])} is not held by this shard"
             )
         return local
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _empty_layer(spec: ModelSpec, n: int, precision: Precision, device) -> LayerExperts:

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
+import numpy as np
 import torch
 
+from expert_worker import staging
 from moe_core import token_format as tf
 from moe_core.grpc_server import format_ids
 from protos import expert_pb2
@@ -63,21 +65,15 @@ def _check_tokens(shard: ExpertShard, tokens: expert_pb2.TokenBatch) -> None:
         )
 
 
-def _held_mask(shard: ExpertShard, ids: torch.Tensor) -> torch.Tensor:
-    """[T, S] bool: slots that name an expert; raises when an id is neither -1 nor held here."""
-    used = ids != -1
-    held = torch.zeros(shard.spec.num_experts + 1, dtype=torch.bool)  # last entry: out of range
-    held[list(shard.expert_ids)] = True
-    in_range = (ids >= 0) & (ids < shard.spec.num_experts)
-    lookup = torch.where(in_range, ids, shard.spec.num_experts)
-    bad = used & ~held[lookup]
-    if bool(bad.any()):
-        token, slot = (int(i) for i in bad.nonzero()[0])
+def _check_held(shard: ExpertShard, ids: np.ndarray, local: np.ndarray) -> None:
+    """Raises when a slot's id is neither -1 nor held here (local: `shard.local_ids_host`)."""
+    bad = (ids != -1) & (local < 0)
+    if bad.any():
+        token, slot = (int(i) for i in np.argwhere(bad)[0])
         raise _invalid(
             f"expert_ids[{token}, {slot}] = {int(ids[token, slot])} is not held by this worker "
             f"(it holds {format_ids(shard.expert_ids)}; -1 marks an empty slot)"
         )
-    return used
 
 
 def forward(
@@ -107,7 +103,7 @@ class Computed:
     expert_tokens: int  # (token, expert) pairs computed
     plan: RoutePlan
     tokens: tuple[torch.Tensor, torch.Tensor | None]  # (x, scales) as decoded, on the device
-    nonfinite: torch.Tensor | None  # [2] bool on the GPU: NaN/Inf in x, in scales; None: checked
+    nonfinite: torch.Tensor | None  # [1] bool on the GPU: NaN in x's data; None: checked
 
 
 def compute(shard: ExpertShard, request, in_place: bool = False) -> Computed:
@@ -132,35 +128,57 @@ def compute(shard: ExpertShard, request, in_place: bool = False) -> Computed:
             f"got {request.slots}"
         )
     num_tokens, slots = request.tokens.num_tokens, request.slots
-    on_gpu = shard.device.type == "cuda"
+    device = shard.device
     try:
-        x, scales = tf.decode_tokens(request.tokens, shard.device, not on_gpu, in_place)
-        ids = tf.unpack_expert_ids(request.expert_ids, num_tokens, slots)
-        weights = tf.unpack_expert_weights(request.expert_weights, num_tokens, slots, False)
+        data, scales = tf.host_tokens(request.tokens)  # views of the request's bytes
+        routing = (request.expert_ids, request.expert_weights, num_tokens, slots)
+        ids, weights = tf.host_routing(*routing)  # [T, S] int32, float32
     except tf.WireFormatError as err:
         raise _invalid(str(err)) from err
-    nonfinite = None
-    if on_gpu:
-        nonfinite = torch.stack([tf.nonfinite(t).any() for t in (x, scales) if t is not None])
-    used = _held_mask(shard, ids)
-    bad = used & ~torch.isfinite(weights)
-    if bool(bad.any()):
-        token, slot = (int(i) for i in bad.nonzero()[0])
+    local = shard.local_ids_host(ids)  # [T, S], -1 = empty slot or not held
+    _check_held(shard, ids, local)
+    bad = (ids != -1) & ~np.isfinite(weights)
+    if bad.any():
+        token, slot = (int(i) for i in np.argwhere(bad)[0])
         raise _invalid(
             f"expert_weights[{token}, {slot}] = {float(weights[token, slot])} is not finite"
         )
-    weights = torch.where(used, weights, 0.0)  # empty slots are ignored whatever they carry
-    try:  # ids and weights stay on the CPU: the shard plans there, without device syncs
-        plan = shard.plan(ids, weights, num_tokens, x.device)
-        out = shard.run(request.layer, x, scales, plan)
+    plan = shard.group_rows(local, weights)  # empty slots are ignored whatever they carry
+    host = [data] if scales is None else [data, scales]
+    if in_place:  # in pinned host memory that stays put until `settle`: no copy
+        pin = device.type == "cuda"
+        tokens = [torch.from_numpy(a).to(device, non_blocking=pin) for a in host]
+        staged = staging.to_device(plan.arrays(), device)
+    else:  # the tokens and the plan go to the device in one transfer
+        staged = staging.to_device(host + plan.arrays(), device)
+        tokens, staged = staged[: len(host)], staged[len(host) :]
+    x = tokens[0].view(tf.token_dtype(request.tokens.format))  # [T, H]
+    x_scales = tokens[1] if scales is not None else None  # [T, ceil(H/128)] float32
+    route = plan.on(staged)
+    nonfinite = None
+    try:
+        if device.type != "cuda":
+            tf.require_finite(x, "tokens")
+            if x_scales is not None:
+                tf.require_finite(x_scales, "tokens (FP8 scales)")
+        elif scales is not None and not np.isfinite(scales).all():  # a refusal: the message
+            tf.require_finite(x, "tokens")  # names the first bad value, data first
+            tf.require_finite(x_scales, "tokens (FP8 scales)")
+        else:  # the data's check stays on the device; `settle` reads it
+            nonfinite = tf.nonfinite(x).any().reshape(1)  # [1] bool
+    except tf.WireFormatError as err:
+        raise _invalid(str(err)) from err
+    try:
+        out = shard.run(request.layer, x, x_scales, route)
     except ValueError as err:
         raise _invalid(str(err)) from err
     except torch.OutOfMemoryError as err:
         raise RequestError(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"out of memory running {num_tokens} tokens on {shard.device}: {err}",
+            f"out of memory running {num_tokens} tokens on {device}: {err}",
         ) from err
-    return Computed(out, num_tokens, int(used.sum()), plan, (x, scales), nonfinite)
+    used = int((local >= 0).sum())
+    return Computed(out, num_tokens, used, route, (x, x_scales), nonfinite)
 
 
 def settle(shard: ExpertShard, done: Computed, nonfinite: torch.Tensor | None = None) -> None:

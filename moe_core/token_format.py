@@ -63,6 +63,20 @@ def _to_bytes(x: torch.Tensor) -> bytes:
     return x.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
+def _check_nbytes(data, dtype: torch.dtype, shape: tuple[int, ...], what: str) -> None:
+    """WireFormatError unless data holds exactly the bytes of a [shape] dtype tensor."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    count = 1
+    for n in shape:
+        count *= n
+    nbytes = memoryview(data).nbytes
+    if nbytes != count * itemsize:
+        raise WireFormatError(
+            f"{what}: expected {count * itemsize} bytes ({' x '.join(map(str, shape))} "
+            f"{str(dtype).removeprefix('torch.')}), got {nbytes}"
+        )
+
+
 def _from_bytes(
     data: bytes | memoryview,
     dtype: torch.dtype,
@@ -74,20 +88,11 @@ def _from_bytes(
     """One copy of data into a writable host tensor (pinned with pin, for asynchronous
     transfers to a GPU). data: bytes or a byte memoryview (e.g. into a received message).
     in_place: no copy, a view of data (writable memory that outlives the tensor's use)."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    count = 1
-    for n in shape:
-        count *= n
-    nbytes = memoryview(data).nbytes
-    if nbytes != count * itemsize:
-        raise WireFormatError(
-            f"{what}: expected {count * itemsize} bytes ({' x '.join(map(str, shape))} "
-            f"{str(dtype).removeprefix('torch.')}), got {nbytes}"
-        )
+    _check_nbytes(data, dtype, shape, what)
     if in_place:
         host = torch.from_numpy(np.frombuffer(data, dtype=np.uint8))
     else:
-        host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+        host = torch.empty(memoryview(data).nbytes, dtype=torch.uint8, pin_memory=pin)
         host.numpy()[:] = np.frombuffer(data, dtype=np.uint8)
     return host.view(dtype).view(shape)
 
@@ -134,6 +139,26 @@ def encode_tokens(x: torch.Tensor, precision: Precision | str) -> expert_pb2.Tok
     return batch
 
 
+def _check_batch(batch: expert_pb2.TokenBatch) -> None:
+    """WireFormatError for a batch that is not a token format, is empty, or carries scales it
+    should not (its byte lengths are checked where they are read)."""
+    if batch.format not in _DTYPES:
+        raise WireFormatError(f"tokens: {format_name(batch.format)} is not a token format")
+    if batch.num_tokens == 0 or batch.hidden == 0:
+        raise WireFormatError(
+            f"tokens: empty batch (num_tokens={batch.num_tokens}, hidden={batch.hidden})"
+        )
+    if batch.format != FP8 and batch.scales:
+        raise WireFormatError(
+            f"tokens: {format_name(batch.format)} carries no scales, got {len(batch.scales)} bytes"
+        )
+
+
+def token_dtype(fmt: int) -> torch.dtype:
+    """The element dtype of a token format's data."""
+    return _DTYPES[fmt]
+
+
 def decode_tokens(
     batch: expert_pb2.TokenBatch,
     device: torch.device | str = "cpu",
@@ -147,13 +172,8 @@ def decode_tokens(
     in_place: the batch's bytes are in host memory that stays put until the tokens are used
     (pinned when device is a GPU): they are read there, without a copy.
     """
+    _check_batch(batch)
     fmt = batch.format
-    if fmt not in _DTYPES:
-        raise WireFormatError(f"tokens: {format_name(fmt)} is not a token format")
-    if batch.num_tokens == 0 or batch.hidden == 0:
-        raise WireFormatError(
-            f"tokens: empty batch (num_tokens={batch.num_tokens}, hidden={batch.hidden})"
-        )
     shape = (batch.num_tokens, batch.hidden)
     device = torch.device(device)
     pin = device.type == "cuda"  # pinned host copies go to the GPU without a synchronization
@@ -164,10 +184,6 @@ def decode_tokens(
         scale_shape = (batch.num_tokens, num_blocks(batch.hidden))
         what = "tokens (FP8 scales)"
         scales = _from_bytes(batch.scales, torch.float32, scale_shape, what, pin, in_place)
-    elif batch.scales:
-        raise WireFormatError(
-            f"tokens: {format_name(fmt)} carries no scales, got {len(batch.scales)} bytes"
-        )
     if device.type != "cpu":
         x = x.to(device, non_blocking=pin)
         scales = None if scales is None else scales.to(device, non_blocking=pin)
@@ -176,6 +192,21 @@ def decode_tokens(
         if scales is not None:
             require_finite(scales, "tokens (FP8 scales)")
     return x, scales
+
+
+def host_tokens(batch: expert_pb2.TokenBatch) -> tuple[np.ndarray, np.ndarray | None]:
+    """TokenBatch -> its bytes read in place (no copy): data as uint8 [T, H * itemsize] and, for
+    FP8, scales as float32 [T, ceil(H / 128)] (None otherwise). Errors as `decode_tokens`."""
+    _check_batch(batch)
+    fmt, num_tokens = batch.format, batch.num_tokens
+    what = f"tokens ({format_name(fmt)})"
+    _check_nbytes(batch.data, _DTYPES[fmt], (num_tokens, batch.hidden), what)
+    data = np.frombuffer(batch.data, dtype=np.uint8).reshape(num_tokens, -1)
+    if fmt != FP8:
+        return data, None
+    scale_shape = (num_tokens, num_blocks(batch.hidden))
+    _check_nbytes(batch.scales, torch.float32, scale_shape, "tokens (FP8 scales)")
+    return data, np.frombuffer(batch.scales, dtype=np.float32).reshape(scale_shape)
 
 
 def tokens_to_float(x: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
@@ -232,6 +263,24 @@ def unpack_expert_ids(data: bytes, num_tokens: int, slots: int) -> torch.Tensor:
     if num_tokens == 0 or slots == 0:
         raise WireFormatError(f"expert_ids: empty [T, S] = [{num_tokens}, {slots}]")
     return _from_bytes(data, torch.int32, (num_tokens, slots), "expert_ids (int32)").long()
+
+
+def host_routing(
+    expert_ids: bytes, expert_weights: bytes, num_tokens: int, slots: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The routing fields read in place (no copy): int32 ids [T, S] and float32 weights [T, S].
+    Errors as `unpack_expert_ids` and `unpack_expert_weights` (finiteness is not checked)."""
+    for what, data, dtype in (
+        ("expert_ids", expert_ids, torch.int32),
+        ("expert_weights", expert_weights, torch.float32),
+    ):
+        if num_tokens == 0 or slots == 0:
+            raise WireFormatError(f"{what}: empty [T, S] = [{num_tokens}, {slots}]")
+        name = f"{what} ({str(dtype).removeprefix('torch.')})"
+        _check_nbytes(data, dtype, (num_tokens, slots), name)
+    shape = (num_tokens, slots)
+    ids = np.frombuffer(expert_ids, dtype=np.int32).reshape(shape)
+    return ids, np.frombuffer(expert_weights, dtype=np.float32).reshape(shape)
 
 
 def pack_expert_weights(weights: torch.Tensor) -> bytes:

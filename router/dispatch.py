@@ -278,19 +278,21 @@ class RemoteExpertBackend:
         with timed(self.profiler, "experts"):  # profiled: one phase, the wait for every worker
             concurrent.futures.wait([c.future for c in handle.calls], self.timeout_s)
         self._wait_s += time.perf_counter() - waited
+        answered: list[tuple[ForwardCall, memoryview]] = []  # result rows on the host
         try:
             done = 0
             while done < len(handle.calls):  # resends append to calls
                 call = handle.calls[done]
                 done += 1
                 try:
-                    rows, compute_s = self._result(handle, call)  # [T_w, H] result dtype
+                    rows, compute_s = self._result(handle, call)  # [T_w, H] result dtype bytes
                 except ExpertWorkerError as err:
                     self._retry(handle, call, err)
                     continue
                 address = call.worker.address
                 compute[address] = compute.get(address, 0.0) + compute_s
-                out.index_add_(0, call.index, rows.float())
+                answered.append((call, rows))
+            self._add_rows(out, answered)
         finally:  # after a failure, stop the calls still going
             running = [c for c in handle.calls if not c.future.cancel() and not c.future.done()]
             for transport in {call.transport for call in handle.calls}:
@@ -420,14 +422,15 @@ class RemoteExpertBackend:
         plan = call.plan
         self._send(handle, plan.rows, plan.expert_ids, plan.weights, route, call.attempt + 1)
 
-    def _result(self, handle: DispatchHandle, call: ForwardCall) -> tuple[torch.Tensor, float]:
-        """-> (result rows [T_w, H] in the result format on x's device, worker compute seconds)."""
+    def _result(self, handle: DispatchHandle, call: ForwardCall) -> tuple[memoryview, float]:
+        """-> (the result rows' bytes [T_w, H] in the result format on the host, the worker's
+        compute seconds)."""
         address, layer = call.worker.address, handle.layer
         try:
             pending = not call.future.done()  # (profiled: only resends are still pending here)
             with timed(self.profiler if pending else None, "experts"):
                 reply = call.future.result(timeout=self.timeout_s + _WAIT_SLACK_S)
-            rows = self._result_rows(reply.result, call, handle.x)
+            rows = self._checked_rows(reply.result, call, handle.x.shape[1])
         except grpc.aio.AioRpcError as err:
             raise ExpertWorkerError(address, layer, err.code(), err.details() or "") from err
         except ForwarderCallError as err:
@@ -450,31 +453,45 @@ class RemoteExpertBackend:
             ) from err
         return rows, reply.compute_seconds
 
-    def _result_rows(
-        self, result: wire.TokenBatchView, call: ForwardCall, x: torch.Tensor
-    ) -> torch.Tensor:
-        """A reply's result rows -> [T_w, H] tensor on x's device: an asynchronous transfer from
-        pinned host memory (the forwarders' arena, or one copy of the reply's bytes)."""
+    def _checked_rows(self, result: wire.TokenBatchView, call: ForwardCall, hidden: int):
+        """A reply's result rows -> their bytes, once they are what the call asked for."""
         num_tokens = call.plan.rows.numel()
         if result.format != self._result_format:
             raise token_format.WireFormatError(
                 f"result is {token_format.format_name(result.format)}, asked for "
                 f"{token_format.format_name(self._result_format)}"
             )
-        expected = (num_tokens, x.shape[1])
+        expected = (num_tokens, hidden)
         if (result.num_tokens, result.hidden) != expected:
             raise token_format.WireFormatError(
                 f"returned {(result.num_tokens, result.hidden)} result rows for {expected} tokens"
             )
-        nbytes = num_tokens * x.shape[1] * self._result_dtype.itemsize
+        nbytes = num_tokens * hidden * self._result_dtype.itemsize
         if result.data.nbytes != nbytes:
             raise token_format.WireFormatError(
                 f"result data has {result.data.nbytes} bytes, {expected} rows need {nbytes}"
             )
-        if call.transport.results_held:  # in the forwarders' arena: no copy
-            host = torch.from_numpy(np.frombuffer(result.data, dtype=np.uint8))
-        else:
-            host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=x.device.type == "cuda")
-            host.numpy()[:] = np.frombuffer(result.data, dtype=np.uint8)  # the one copy
-        rows = host.view(self._result_dtype).view(expected)
-        return rows.to(x.device, non_blocking=True)
+        return result.data
+
+    def _add_rows(self, out: torch.Tensor, answered: list[tuple[ForwardCall, memoryview]]) -> None:
+        """Adds every answered call's result rows into out [T, H] float32 at their token rows.
+        Rows in the forwarders' arena go to the device from there, call by call; the others are
+        copied once into one pinned buffer and go in one transfer, added by one index_add."""
+        held = [(c, rows) for c, rows in answered if c.transport.results_held]
+        mine = [(c, rows) for c, rows in answered if not c.transport.results_held]
+        hidden, dtype = out.shape[1], self._result_dtype
+        for call, rows in held:  # pinned already: no copy
+            host = torch.from_numpy(np.frombuffer(rows, dtype=np.uint8))
+            rows = host.view(dtype).view(-1, hidden).to(out.device, non_blocking=True)
+            out.index_add_(0, call.index, rows.float())
+        if not mine:
+            return
+        total = sum(rows.nbytes for _, rows in mine)
+        host = torch.empty(total, dtype=torch.uint8, pin_memory=out.device.type == "cuda")
+        flat, start = host.numpy(), 0
+        for _, rows in mine:  # the one copy of the reply's bytes
+            flat[start : start + rows.nbytes] = np.frombuffer(rows, dtype=np.uint8)
+            start += rows.nbytes
+        rows = host.view(dtype).view(-1, hidden).to(out.device, non_blocking=True)  # [N, H]
+        index = mine[0][0].index if len(mine) == 1 else torch.cat([c.index for c, _ in mine])
+        out.index_add_(0, index, rows.float())
