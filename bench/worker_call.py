@@ -9,7 +9,9 @@ experts, the slots of the other workers' experts empty (-1). Per T: the median w
 `forward_bytes` (decode the request, the experts, the result rows back to the host, encode the
 reply) and of its parts, each timed alone with the device synchronized around it:
 
-  copy in      the request's token bytes into pinned host memory (`token_format._from_bytes`)
+  copy in      the request's token bytes into pinned host memory (`token_format._from_bytes`;
+               the call packs them with its routing plan into one pinned buffer and one
+               transfer, `expert_worker.staging`)
   checks       token bytes to the device and their finite check, on its own with a sync
                (`token_format.require_finite`; the call itself leaves the check on the device and
                reads its verdict with the result rows)

@@ -196,13 +196,19 @@ class ExpertShard:
         in_range = (ids >= 0) & (ids < num_experts)
         return np.where(in_range, self._local_np[np.clip(ids, 0, num_experts - 1)], -1)
 
+    @staticmethod
+    def unheld_slot(ids: np.ndarray, local: np.ndarray) -> tuple[int, int] | None:
+        """The first (token, slot) whose id is neither -1 nor held (local: `local_ids_host`)."""
+        bad = (ids != -1) & (local < 0)
+        return tuple(int(i) for i in np.argwhere(bad)[0]) if bad.any() else None
+
     def plan_host(self, ids: np.ndarray, weights: np.ndarray) -> HostPlan:
         """ids [T, S] integer global ids (-1 = empty slot), weights [T, S] float32 (numpy) ->
         the rows of `forward` on the host; ValueError on an id not held here."""
         local = self.local_ids_host(ids)
-        bad = (ids != -1) & (local < 0)
-        if bad.any():
-            token, slot = (int(i) for i in np.argwhere(bad)[0])
+        unheld = self.unheld_slot(ids, local)
+        if unheld is not None:
+            token, slot = unheld
             raise ValueError(
                 f"expert_ids[{token}, {slot}] = {int(ids[token, slot])} is not held by this shard"
             )

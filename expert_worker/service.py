@@ -67,9 +67,9 @@ def _check_tokens(shard: ExpertShard, tokens: expert_pb2.TokenBatch) -> None:
 
 def _check_held(shard: ExpertShard, ids: np.ndarray, local: np.ndarray) -> None:
     """Raises when a slot's id is neither -1 nor held here (local: `shard.local_ids_host`)."""
-    bad = (ids != -1) & (local < 0)
-    if bad.any():
-        token, slot = (int(i) for i in np.argwhere(bad)[0])
+    unheld = shard.unheld_slot(ids, local)
+    if unheld is not None:
+        token, slot = unheld
         raise _invalid(
             f"expert_ids[{token}, {slot}] = {int(ids[token, slot])} is not held by this worker "
             f"(it holds {format_ids(shard.expert_ids)}; -1 marks an empty slot)"
@@ -177,8 +177,7 @@ def compute(shard: ExpertShard, request, in_place: bool = False) -> Computed:
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"out of memory running {num_tokens} tokens on {device}: {err}",
         ) from err
-    used = int((local >= 0).sum())
-    return Computed(out, num_tokens, used, route, (x, x_scales), nonfinite)
+    return Computed(out, num_tokens, plan.tokens.size, route, (x, x_scales), nonfinite)
 
 
 def settle(shard: ExpertShard, done: Computed, nonfinite: torch.Tensor | None = None) -> None:

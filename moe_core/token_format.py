@@ -83,17 +83,12 @@ def _from_bytes(
     shape: tuple[int, ...],
     what: str,
     pin: bool = False,
-    in_place: bool = False,
 ) -> torch.Tensor:
     """One copy of data into a writable host tensor (pinned with pin, for asynchronous
-    transfers to a GPU). data: bytes or a byte memoryview (e.g. into a received message).
-    in_place: no copy, a view of data (writable memory that outlives the tensor's use)."""
+    transfers to a GPU). data: bytes or a byte memoryview (e.g. into a received message)."""
     _check_nbytes(data, dtype, shape, what)
-    if in_place:
-        host = torch.from_numpy(np.frombuffer(data, dtype=np.uint8))
-    else:
-        host = torch.empty(memoryview(data).nbytes, dtype=torch.uint8, pin_memory=pin)
-        host.numpy()[:] = np.frombuffer(data, dtype=np.uint8)
+    host = torch.empty(memoryview(data).nbytes, dtype=torch.uint8, pin_memory=pin)
+    host.numpy()[:] = np.frombuffer(data, dtype=np.uint8)
     return host.view(dtype).view(shape)
 
 
@@ -163,14 +158,12 @@ def decode_tokens(
     batch: expert_pb2.TokenBatch,
     device: torch.device | str = "cpu",
     check_finite: bool = False,
-    in_place: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """TokenBatch -> (x, scales) on device.
 
     x: [T, H] float32 (FP32), bfloat16 (BF16) or float8_e4m3fn (FP8); scales: [T, ceil(H / 128)]
     float32 for FP8, None otherwise. With check_finite, NaN/Inf in x or scales is an error.
-    in_place: the batch's bytes are in host memory that stays put until the tokens are used
-    (pinned when device is a GPU): they are read there, without a copy.
+    (`host_tokens` reads the bytes in place instead.)
     """
     _check_batch(batch)
     fmt = batch.format
@@ -178,12 +171,12 @@ def decode_tokens(
     device = torch.device(device)
     pin = device.type == "cuda"  # pinned host copies go to the GPU without a synchronization
     what = f"tokens ({format_name(fmt)})"
-    x = _from_bytes(batch.data, _DTYPES[fmt], shape, what, pin, in_place)
+    x = _from_bytes(batch.data, _DTYPES[fmt], shape, what, pin)
     scales = None
     if fmt == FP8:
         scale_shape = (batch.num_tokens, num_blocks(batch.hidden))
         what = "tokens (FP8 scales)"
-        scales = _from_bytes(batch.scales, torch.float32, scale_shape, what, pin, in_place)
+        scales = _from_bytes(batch.scales, torch.float32, scale_shape, what, pin)
     if device.type != "cpu":
         x = x.to(device, non_blocking=pin)
         scales = None if scales is None else scales.to(device, non_blocking=pin)

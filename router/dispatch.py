@@ -453,7 +453,9 @@ class RemoteExpertBackend:
             ) from err
         return rows, reply.compute_seconds
 
-    def _checked_rows(self, result: wire.TokenBatchView, call: ForwardCall, hidden: int):
+    def _checked_rows(
+        self, result: wire.TokenBatchView, call: ForwardCall, hidden: int
+    ) -> memoryview:
         """A reply's result rows -> their bytes, once they are what the call asked for."""
         num_tokens = call.plan.rows.numel()
         if result.format != self._result_format:
