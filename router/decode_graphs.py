@@ -17,6 +17,12 @@ write static buffers of `max_batch` rows (the hidden state, the MoE input, the t
 shared experts' output, the combined rows, the logits), so a bucket's graphs keep no tensors of
 their own beyond the pool's temporaries.
 
+With a backend that takes staged tokens (`staged_precision`: the remote one), segment j also
+converts MoE layer j's input to the wire format and copies it, with the top-k, into pinned host
+memory (`_Staged`). The step then replays the shared experts at once and waits for those copies
+alone: the dispatch that follows launches nothing on the GPU and waits for nothing, and the
+shared experts run while it plans and sends.
+
 Shapes are static in a graph, so a step is padded to a bucket: B sequences to the next power of
 two (at most `max_batch`), its longest cache length L to the next power of two from
 `MIN_LENGTH` (at most the cache's `max_len`). Padding rows use a spare KV-cache slot at
@@ -41,6 +47,9 @@ import torch
 
 from attention_worker.batch import BatchLayout, StepBatch
 from attention_worker.kv_cache import KVCache
+from moe_core import token_format
+from moe_core.precision import Precision
+from router.dispatch import WireTokens
 from router.metrics import RouterMetrics
 from router.model import MoELayer, MoEModel
 from router.profiler import timed
@@ -86,6 +95,49 @@ class _Buffers:
     cos: torch.Tensor
     sin: torch.Tensor
     logits: torch.Tensor
+
+
+@dataclass
+class _Staged:
+    """Pinned host memory that the segments write a dispatch's inputs into, max_batch rows each
+    (a step uses the first B): the MoE input in the wire format of `precision` (data [., row
+    bytes] uint8, scales [., scale bytes] uint8 or None) and the top-k ids [., k] int64 and
+    weights [., k] float32."""
+
+    precision: Precision
+    data: torch.Tensor
+    scales: torch.Tensor | None
+    ids: torch.Tensor
+    w: torch.Tensor
+
+    @classmethod
+    def allocate(
+        cls, precision: Precision, rows: int, hidden: int, top_k: int, pin: bool
+    ) -> _Staged:
+        data_bytes, scale_bytes = WireTokens.row_widths(hidden, precision)
+
+        def host(columns: int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(rows, columns, dtype=dtype, pin_memory=pin)
+
+        scales = host(scale_bytes, torch.uint8) if scale_bytes else None
+        ids, w = host(top_k, torch.int64), host(top_k, torch.float32)
+        return cls(precision, host(data_bytes, torch.uint8), scales, ids, w)
+
+    def write(self, h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> None:
+        """h [B, H], ids [B, k] int64, w [B, k] float32 on the device -> the first B rows, by
+        asynchronous copies (part of the segment's graph)."""
+        b = h.shape[0]
+        tokens = WireTokens.of(h, self.precision)
+        self.data[:b].copy_(tokens.data, non_blocking=True)
+        if self.scales is not None:
+            self.scales[:b].copy_(tokens.scales, non_blocking=True)
+        self.ids[:b].copy_(ids, non_blocking=True)
+        self.w[:b].copy_(w, non_blocking=True)
+
+    def tokens(self, b: int) -> WireTokens:
+        """The first b rows, as the `staged` tokens of a dispatch."""
+        scales = None if self.scales is None else self.scales[:b]
+        return WireTokens(token_format.token_format(self.precision), self.data[:b], scales)
 
 
 @dataclass
@@ -154,6 +206,15 @@ class DecodeGraphs:
         self.arange = torch.arange(max_batch, device=device)  # [B] row -> its own sequence
         self.zeros = torch.zeros(max_batch, dtype=torch.int64, device=device)  # [B]
         self.buffers = self._buffers(max_batch)
+        precision = model.experts.staged_precision
+        self.staged = None  # the dispatch's inputs on the host, for backends that take them
+        self._written: torch.cuda.Event | None = None  # when a segment's copies to it are done
+        if precision is not None:
+            spec = model.spec
+            self.staged = _Staged.allocate(
+                precision, max_batch, spec.hidden_size, spec.top_k, pin=self.capture
+            )
+            self._written = torch.cuda.Event() if self.capture else None
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self._stream: torch.cuda.Stream | None = None  # where graphs are captured
         self.buckets: dict[tuple[int, int], _Bucket] = {}
@@ -191,20 +252,33 @@ class DecodeGraphs:
         model, profiler = self.model, self.model.profiler
         if profiler is not None:
             profiler.start_step(decode=True)
-        buf = self.buffers
+        buf, staged = self.buffers, self.staged
         for j, layer in enumerate(self.moe_layers):
             with timed(profiler, "graphs"):
                 graphs.main[j].replay()
-            with timed(profiler, "dispatch"):
-                handle = model.experts.dispatch(layer, buf.h[:b], buf.ids[:b], buf.w[:b])
-            if graphs.shared[j] is not None:
-                with timed(profiler, "shared_experts"):
-                    graphs.shared[j].replay()
+            if staged is None:
+                with timed(profiler, "dispatch"):
+                    handle = model.experts.dispatch(layer, buf.h[:b], buf.ids[:b], buf.w[:b])
+                self._shared_experts(graphs, j)
+            else:  # the shared experts go to the GPU first, and run while the host dispatches
+                if self._written is not None:
+                    self._written.record()  # after the segment's copies to the host
+                self._shared_experts(graphs, j)
+                with timed(profiler, "dispatch"):
+                    if self._written is not None:
+                        self._written.synchronize()  # that is all dispatch waits for
+                    tokens, ids, w = staged.tokens(b), staged.ids[:b], staged.w[:b]
+                    handle = model.experts.dispatch(layer, buf.h[:b], ids, w, staged=tokens)
             with timed(profiler, "combine"):
                 buf.routed[:b].copy_(model.experts.combine(handle))  # [B, H] float32
         with timed(profiler, "graphs"):
             graphs.main[-1].replay()
         return buf.logits[: graphs.batch]
+
+    def _shared_experts(self, graphs: _Bucket, j: int) -> None:
+        if graphs.shared[j] is not None:
+            with timed(self.model.profiler, "shared_experts"):
+                graphs.shared[j].replay()
 
     def _load(self, batch: StepBatch, padded: int) -> None:
         """Writes the step's tokens, positions and slots (padding rows: position 0 of the spare
@@ -285,8 +359,11 @@ class DecodeGraphs:
                 buf.x[:b].copy_(x)
                 buf.h[:b].copy_(layer.mlp_norm(x))  # [Bp, H]
                 ids, w = layer.mlp.gate(buf.h[:b])  # [Bp, k] int64, [Bp, k] float32
-                buf.ids[:b].copy_(ids)
-                buf.w[:b].copy_(w)
+                if self.staged is not None:
+                    self.staged.write(buf.h[:b], ids, w)
+                else:
+                    buf.ids[:b].copy_(ids)
+                    buf.w[:b].copy_(w)
 
             return run
 

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from moe_core import token_format, wire
-from moe_core.fp8 import quantize_tokens
+from moe_core.fp8 import num_blocks, quantize_tokens
 from moe_core.precision import Precision
 from router.calls import ForwardCall, LoopTransport, Request, Transport
 from router.config import ExpertLossPolicy
@@ -160,6 +160,13 @@ class WireTokens:
         data = x.to(dtype).contiguous()
         return cls(fmt, data.view(torch.uint8).view(x.shape[0], -1), None)
 
+    @staticmethod
+    def row_widths(hidden: int, precision: Precision) -> tuple[int, int]:
+        """-> (data, scales) bytes of one token row of `hidden` channels in the wire format."""
+        if precision == Precision.FP8:
+            return hidden, num_blocks(hidden) * 4  # e4m3 + one float32 per 128 channels
+        return hidden * (2 if precision == Precision.BF16 else 4), 0
+
     @property
     def row_bytes(self) -> int:
         return self.data.shape[1] + (0 if self.scales is None else self.scales.shape[1])
@@ -168,9 +175,10 @@ class WireTokens:
         self, index: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor | None] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """index [N] int64 rows, on the tokens' device -> (data [N, row bytes], scales) uint8 on
-        the host, pinned when the tokens are on a GPU: one gather on the device, one transfer,
-        one synchronization. out: host tensors of those shapes to write them into (pinned ones
-        when the tokens are on a GPU)."""
+        the host. Tokens on a GPU: pinned, one gather on the device, one transfer, one
+        synchronization; tokens on the host (a CPU router, or staged): one gather there.
+        out: host tensors of those shapes to write them into (pinned ones when the tokens are
+        on a GPU)."""
         data = self.data.index_select(0, index)
         scales = None if self.scales is None else self.scales.index_select(0, index)
         if out is not None:
@@ -184,6 +192,23 @@ class WireTokens:
         if self.data.device.type != "cpu":
             torch.cuda.current_stream(self.data.device).synchronize()
         return data, scales
+
+
+def _check_staged(staged: WireTokens, x: torch.Tensor, precision: Precision) -> None:
+    """Staged tokens must be x's rows in the backend's wire format, on the host."""
+    fmt = token_format.token_format(precision)
+    if staged.data.device.type != "cpu" or staged.format != fmt:
+        raise ValueError(
+            f"staged tokens must be {token_format.format_name(fmt)} on the host, got "
+            f"{token_format.format_name(staged.format)} on {staged.data.device}"
+        )
+    data_bytes, scale_bytes = WireTokens.row_widths(x.shape[1], precision)
+    scales = (0, 0) if staged.scales is None else tuple(staged.scales.shape)
+    if tuple(staged.data.shape) != (x.shape[0], data_bytes) or scales[1] != scale_bytes:
+        raise ValueError(
+            f"staged tokens of {tuple(staged.data.shape)} bytes (scales {scales}) for x "
+            f"{tuple(x.shape)}: {(x.shape[0], data_bytes)} and {scale_bytes} scale bytes a row"
+        )
 
 
 def _to_pinned(t: torch.Tensor) -> torch.Tensor:
@@ -250,21 +275,37 @@ class RemoteExpertBackend:
         self._wait_s = 0.0  # combine's time blocked on the workers since take_wait_seconds
         self.retries = 0  # calls sent again after a failure, since start
 
+    @property
+    def staged_precision(self) -> Precision:
+        """The precision of the tokens that `dispatch` takes already staged on the host."""
+        return self.precision
+
     def dispatch(
-        self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+        self,
+        layer: int,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        staged: WireTokens | None = None,
     ) -> DispatchHandle:
-        """x [T, H] model dtype, topk_ids [T, k] int64, topk_weights [T, k] float32 -> handle."""
+        """x [T, H] model dtype, topk_ids [T, k] int64, topk_weights [T, k] float32 -> handle.
+
+        staged: x already in the wire format of `staged_precision`, on the host (the decode
+        graphs write it there, with the top-k on the host too): then the layer's tokens are
+        neither converted nor copied from the device, and dispatch waits for nothing."""
         if x.dim() != 2 or topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != x.shape[0]:
             raise ValueError(
                 f"dispatch needs x [T, H] and topk ids/weights [T, k], got {tuple(x.shape)}, "
                 f"{tuple(topk_ids.shape)}, {tuple(topk_weights.shape)}"
             )
+        if staged is not None:
+            _check_staged(staged, x, self.precision)
         topk_ids, topk_weights = topk_ids.cpu(), topk_weights.float().cpu()
         counts = torch.bincount(topk_ids.reshape(-1), minlength=self.workers.spec.num_experts)
         self.workers.record_tokens(counts)
         if self.metrics is not None:
             self.metrics.record_expert_tokens(layer, counts)
-        handle = DispatchHandle(layer, x, topk_weights.sum(dim=1))
+        handle = DispatchHandle(layer, x, topk_weights.sum(dim=1), wire=staged)
         rows = torch.arange(x.shape[0])
         self._send(handle, rows, topk_ids, topk_weights, self.workers.route(), attempt=1)
         return handle
@@ -345,9 +386,10 @@ class RemoteExpertBackend:
         if not plans:
             return
         all_rows = torch.cat([plan.rows for plan in plans])  # [N] rows of x, plan after plan
-        index = _to_device(all_rows, handle.x.device)  # also for combine's index_add
+        index = _to_device(all_rows, handle.x.device)  # for combine's index_add
         transport = self._transport(index.numel() * tokens.row_bytes)
-        data, scales = transport.stage(tokens, index, handle)  # [N, bytes] on the host
+        at = index if tokens.data.device == index.device else all_rows  # staged: on the host
+        data, scales = transport.stage(tokens, at, handle)  # [N, bytes] on the host
         calls = []
         start = 0
         for plan in plans:

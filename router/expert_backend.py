@@ -39,6 +39,11 @@ class ExpertsUnavailableError(RuntimeError):
 
 
 class ExpertBackend(Protocol):
+    # Not None: `dispatch` also takes `staged=`, x already in this precision's wire format on
+    # the host (router.dispatch.WireTokens), and topk_ids/weights on the host; the decode graphs
+    # write them there. None: the backend takes x and its top-k where they are.
+    staged_precision: Precision | None
+
     def dispatch(
         self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> Any:
@@ -68,6 +73,8 @@ class _LocalHandle:
 
 class LocalExpertBackend:
     """In-process experts: tokens take the shard's precision exactly as on the wire."""
+
+    staged_precision = None  # the tokens stay on the device
 
     def __init__(self, shard: ExpertShard) -> None:
         missing = set(range(shard.spec.num_experts)) - set(shard.expert_ids)

@@ -11,9 +11,12 @@ from __future__ import annotations
 import hf_models
 import pytest
 import torch
+from remote_experts import remote_model
 
 from attention_worker.batch import StepBatch
+from moe_core.precision import Precision
 from router.decode_graphs import MIN_LENGTH, DecodeGraphs, bucket, cache_and_graphs
+from router.dispatch import RemoteExpertBackend, WireTokens
 
 # 3 sequences (padded to 4), the first one crossing the first cache-length bucket while decoding
 PROMPTS = [hf_models.random_prompt(n, seed=s) for n, s in ((MIN_LENGTH - 3, 61), (3, 62), (9, 63))]
@@ -33,15 +36,9 @@ def _decode(model, cache, slots, tokens, cached):
     )
 
 
-# deepseek_v3: MLA, a dense first layer, shared experts; qwen2_moe: a gated shared expert, a
-# dense layer between MoE layers; mixtral: GQA, a sliding window, no shared experts
-@pytest.mark.parametrize("name", ["deepseek_v3", "qwen2_moe", "mixtral"])
-def test_padded_segments_give_the_plain_decode_logits(tmp_path, name):
-    model = hf_models.our_model(hf_models.build_model(name, tmp_path / name))
-    plain_cache = hf_models.new_cache(model, max_seqs=3, max_len=128)
-    cache = hf_models.new_cache(model, max_seqs=5, max_len=128)
-    graphs = DecodeGraphs(model, cache, max_batch=4, capture=False)
-    assert cache.num_free == 4  # the spare slot for padding rows is taken
+def _decode_against_plain(model, graphs, cache, plain_cache) -> None:
+    """Prefills PROMPTS on both caches, then decodes STEPS greedy steps from the graph runner
+    and from the plain forward, comparing logits; checks the buckets used and the KV cache."""
     plain_slots = [plain_cache.allocate() for _ in PROMPTS]
     slots = [cache.allocate() for _ in PROMPTS]
     assert graphs.spare not in slots
@@ -91,6 +88,49 @@ def test_padded_segments_give_the_plain_decode_logits(tmp_path, name):
                 ours[slots[i]][: cached[i]], theirs[plain_slots[i]][: cached[i]]
             )
             assert not ours[slots[i]][cached[i] :].any()
+
+
+# deepseek_v3: MLA, a dense first layer, shared experts; qwen2_moe: a gated shared expert, a
+# dense layer between MoE layers; mixtral: GQA, a sliding window, no shared experts
+@pytest.mark.parametrize("name", ["deepseek_v3", "qwen2_moe", "mixtral"])
+def test_padded_segments_give_the_plain_decode_logits(tmp_path, name):
+    model = hf_models.our_model(hf_models.build_model(name, tmp_path / name))
+    plain_cache = hf_models.new_cache(model, max_seqs=3, max_len=128)
+    cache = hf_models.new_cache(model, max_seqs=5, max_len=128)
+    graphs = DecodeGraphs(model, cache, max_batch=4, capture=False)
+    assert cache.num_free == 4  # the spare slot for padding rows is taken
+    assert graphs.staged is None  # the local backend takes the tokens on the device
+    _decode_against_plain(model, graphs, cache, plain_cache)
+
+
+@pytest.mark.parametrize("precision", ["fp8", "bf16"])
+def test_segments_stage_the_remote_dispatch_and_give_the_plain_logits(tmp_path, precision):
+    """With experts at worker processes the segments write each MoE layer's tokens in the wire
+    format (fp8: with their scales) and its top-k to host memory, and dispatch sends those: the
+    logits are those of the plain forward through the same workers."""
+    model_dir = hf_models.build_model("deepseek_v3", tmp_path / "m")
+    with remote_model(model_dir, tmp_path, workers=2, precision=precision) as model:
+        assert model.experts.staged_precision == Precision(precision)
+        plain_cache = hf_models.new_cache(model, max_seqs=3, max_len=128)
+        cache = hf_models.new_cache(model, max_seqs=5, max_len=128)
+        graphs = DecodeGraphs(model, cache, max_batch=4, capture=False)
+        assert graphs.staged is not None
+        _decode_against_plain(model, graphs, cache, plain_cache)
+
+
+def test_staged_tokens_that_do_not_fit_the_backend_are_refused():
+    backend = RemoteExpertBackend(None, None, Precision.FP8, 1.0)
+    x = torch.zeros(3, 200)
+    ids, w = torch.zeros(3, 2, dtype=torch.int64), torch.zeros(3, 2)
+    right = WireTokens.of(x, Precision.FP8)
+    assert (right.data.shape[1], right.scales.shape[1]) == WireTokens.row_widths(200, Precision.FP8)
+    for wrong, message in (
+        (WireTokens.of(x, Precision.BF16), "must be TOKEN_FORMAT_FP8 on the host"),
+        (WireTokens(right.format, right.data[:2], right.scales[:2]), r"\(3, 200\)"),
+        (WireTokens(right.format, right.data, right.scales[:, :4]), "8 scale bytes a row"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            backend.dispatch(1, x, ids, w, staged=wrong)
 
 
 def test_larger_batches_and_failed_captures_run_eagerly(tmp_path, monkeypatch):

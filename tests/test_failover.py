@@ -136,6 +136,8 @@ class DroppingBackend:
     """The in-process reference of degrade: experts in `dropped` leave every token's top-k and
     the kept weights are scaled up to the token's full routing weight."""
 
+    staged_precision = None  # takes the top-k where it is
+
     def __init__(self, inner, dropped: set[int]) -> None:
         self.inner = inner
         self.dropped = torch.tensor(sorted(dropped), dtype=torch.int64)

@@ -82,6 +82,8 @@ class _LosesExpertZero:
     """A backend that, like a remote one without a worker for expert 0, refuses tokens that
     chose it (policy fail)."""
 
+    staged_precision = None  # takes the top-k where it is
+
     def __init__(self, inner) -> None:
         self.inner = inner
 

@@ -1,17 +1,21 @@
 """Decode steps replayed from CUDA graphs give the eager decode's logits, on the GPU.
 
-In process: the same bf16 model with FP8 experts on one shard decodes the same tokens twice, once
-eagerly and once from captured graphs (padded batch and cache-length buckets, the batch changing
-bucket midway), each on its own KV cache; the logits agree within 1e-2 relative per step (bf16:
-a padded batch may take other GEMM kernels). A router process on the GPU runs its decode steps from
-graphs by default, and says so in its metrics.
+The same bf16 model with FP8 experts (on one shard in process, or at two worker processes)
+decodes the same tokens twice, once eagerly and once from captured graphs (padded batch and
+cache-length buckets, the batch changing bucket midway), each on its own KV cache; the logits
+agree within 1e-2 relative per step (bf16: a padded batch may take other GEMM kernels). With
+the workers, the graphs copy each dispatch's tokens and top-k to pinned memory. A router process
+on the GPU runs its decode steps from graphs by default, and says so in its metrics.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import hf_models
 import pytest
 import torch
+from remote_experts import remote_model
 from test_metrics import Samples
 
 from attention_worker.batch import StepBatch
@@ -46,12 +50,29 @@ def _pick(live, *lists):
     return [[values[i] for i in live] for values in lists]
 
 
-@torch.inference_mode()
-def test_graph_replays_give_the_eager_logits(model_dir):
-    spec = ModelSpec.from_dir(model_dir)
-    experts = range(spec.num_experts)
+@contextlib.contextmanager
+def _model(model_dir, backend: str, folder):
+    """The bf16 model on the GPU with its FP8 experts in process, or at two worker processes on
+    the GPU (then the graphs stage each dispatch's tokens in pinned memory)."""
+    if backend == "remote":
+        with remote_model(model_dir, folder, 2, "fp8", "cuda", torch.bfloat16) as model:
+            yield model
+        return
+    experts = range(ModelSpec.from_dir(model_dir).num_experts)
     shard = ExpertShard.load(model_dir, experts, "fp8", device="cuda", progress=False)
-    model = load_model(model_dir, LocalExpertBackend(shard), "cuda", torch.bfloat16)
+    yield load_model(model_dir, LocalExpertBackend(shard), "cuda", torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", ["local", "remote"])
+@torch.inference_mode()
+def test_graph_replays_give_the_eager_logits(model_dir, backend, tmp_path):
+    with _model(model_dir, backend, tmp_path) as model:
+        graphs = _decode_both(model)
+        assert (graphs.staged is not None) == (backend == "remote")
+
+
+def _decode_both(model) -> DecodeGraphs:
+    spec = model.spec
     eager_cache = KVCache(spec, 3, 128, "cuda", torch.bfloat16)
     cache = KVCache(spec, 5, 128, "cuda", torch.bfloat16)
     graphs = DecodeGraphs(model, cache, max_batch=4)
@@ -76,6 +97,7 @@ def test_graph_replays_give_the_eager_logits(model_dir):
     assert set(graphs.buckets) == {(4, MIN_LENGTH), (4, 2 * MIN_LENGTH), (2, 2 * MIN_LENGTH)}
     for bucket in graphs.buckets.values():
         assert all(segment.graph is not None for segment in bucket.in_order())
+    return graphs
 
 
 def test_a_router_on_the_gpu_decodes_from_graphs(model_dir):
