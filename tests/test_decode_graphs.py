@@ -103,13 +103,16 @@ def test_padded_segments_give_the_plain_decode_logits(tmp_path, name):
     _decode_against_plain(model, graphs, cache, plain_cache)
 
 
-@pytest.mark.parametrize("precision", ["fp8", "bf16"])
-def test_segments_stage_the_remote_dispatch_and_give_the_plain_logits(tmp_path, precision):
+@pytest.mark.parametrize(("precision", "forwarders"), [("fp8", 0), ("bf16", 0), ("fp8", 2)])
+def test_segments_stage_the_remote_dispatch_and_give_the_plain_logits(
+    tmp_path, precision, forwarders
+):
     """With experts at worker processes the segments write each MoE layer's tokens in the wire
-    format (fp8: with their scales) and its top-k to host memory, and dispatch sends those: the
-    logits are those of the plain forward through the same workers."""
+    format (fp8: with their scales) and its top-k to host memory, and dispatch sends those (on
+    the event loop, or from the forwarders' shared arena): the logits are those of the plain
+    forward through the same workers."""
     model_dir = hf_models.build_model("deepseek_v3", tmp_path / "m")
-    with remote_model(model_dir, tmp_path, workers=2, precision=precision) as model:
+    with remote_model(model_dir, tmp_path, 2, precision, forwarders=forwarders) as model:
         assert model.experts.staged_precision == Precision(precision)
         plain_cache = hf_models.new_cache(model, max_seqs=3, max_len=128)
         cache = hf_models.new_cache(model, max_seqs=5, max_len=128)

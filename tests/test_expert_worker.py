@@ -41,7 +41,8 @@ def start_worker(model: Path, folder: Path, *args: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "expert_worker", "serve", "--model", str(model)]
     command += ["--host", "127.0.0.1", "--port", "0", "--port-file", str(folder / "port")]
     command += ["--insecure", *args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path}
     with open(folder / "log", "w") as log:  # a file, not a pipe: a full pipe would block it
         return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
