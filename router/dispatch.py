@@ -163,9 +163,9 @@ class WireTokens:
     @staticmethod
     def row_widths(hidden: int, precision: Precision) -> tuple[int, int]:
         """-> (data, scales) bytes of one token row of `hidden` channels in the wire format."""
-        if precision == Precision.FP8:
-            return hidden, num_blocks(hidden) * 4  # e4m3 + one float32 per 128 channels
-        return hidden * (2 if precision == Precision.BF16 else 4), 0
+        fmt = token_format.token_format(precision)
+        data = hidden * token_format.token_dtype(fmt).itemsize
+        return data, num_blocks(hidden) * 4 if fmt == token_format.FP8 else 0  # float32 scales
 
     @property
     def row_bytes(self) -> int:
