@@ -4,6 +4,7 @@
                               [--precisions fp8,bf16] [--iters 8] [--device cuda]
                               [--max-message-mib 8] [--sweep-mib 2,4,8,16,64] [--model-root DIR]
                               [--forwarders 0,4] [--fronts 0,2]
+                              [--micro-batches 2,4] [--step-layers 11]
 
 Real expert worker processes (the most --workers of them, each holding 8 of 64 experts of a
 one-layer model with tiny experts, I = 128, so that compute is small) and the router's own
@@ -25,6 +26,14 @@ combines the results, with the device synchronized around it. Reported per confi
 --forwarders runs every configuration once per number of forwarder processes (0: the calls go
 out on the router's event loop; N: `router.forwarders.ForwarderPool` with N processes); --fronts
 starts the workers once per number of front processes each (`expert_worker serve --fronts`).
+
+--micro-batches also times decode-like steps per workers x tokens: --step-layers MoE layers
+in a row, each dispatching the step's tokens and combining them (a small matmul on the device
+stands in for the dense work between two layers), unsplit and split into n micro-batches in
+ping-pong: a micro-batch sends its next layer's calls as soon as its combine is done, while the
+other micro-batches' calls are in flight. This is the best case of `MoEModel.forward_overlapped`
+for the transport (no attention to overlap): if splitting does not shorten these steps, the
+transport's time cannot be hidden behind itself. Medians over --iters steps.
 
 --sweep-mib runs the largest configuration at W = 4 once per message-size cap (the backend's
 max_message_bytes; only where the backend has that option). Prints one table per precision and
@@ -256,12 +265,7 @@ def cpu_by_role(workers: Workers) -> dict[str, float]:
 
 
 def run_config(router, backend, workers, active, tokens, hidden, iters, device) -> dict:
-    gen = torch.Generator(device="cpu").manual_seed(tokens * 31 + active)
-    x = (torch.randn(tokens, hidden, generator=gen) * 0.5).to(device, torch.bfloat16)
-    choices = active * EXPERTS_PER_WORKER
-    ids = torch.rand(tokens, choices, generator=gen).topk(TOP_K, dim=1).indices  # [T, k]
-    weights = torch.softmax(torch.randn(tokens, TOP_K, generator=gen), dim=1)
-    ids, weights = ids.to(device), weights.to(device)
+    x, ids, weights = _step_inputs(tokens, hidden, active, device, tokens * 31 + active)
 
     def layer() -> float:
         sync(device)
@@ -293,6 +297,66 @@ def run_config(router, backend, workers, active, tokens, hidden, iters, device) 
         "cpu_ms": cpu_ms,
         "cores": sum(cpu_ms.values()) * iters / 1e3 / sum(times),
     }
+
+
+def _step_inputs(tokens: int, hidden: int, active: int, device: str, seed: int):
+    """x [T, H] bf16, ids [T, k] int64 (top-k among the first `active` workers' experts) and
+    weights [T, k] float32, on device."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x = (torch.randn(tokens, hidden, generator=gen) * 0.5).to(device, torch.bfloat16)
+    choices = active * EXPERTS_PER_WORKER
+    ids = torch.rand(tokens, choices, generator=gen).topk(TOP_K, dim=1).indices  # [T, k]
+    weights = torch.softmax(torch.randn(tokens, TOP_K, generator=gen), dim=1)
+    return x, ids.to(device), weights.to(device)
+
+
+def run_pingpong(backend, active, tokens, hidden, splits, layers, iters, device) -> list[dict]:
+    """ms per step of `layers` MoE layers, unsplit and in each of `splits` micro-batches."""
+    x, ids, weights = _step_inputs(tokens, hidden, active, device, tokens * 17 + active)
+    mix = torch.randn(hidden, hidden, device=device, dtype=torch.bfloat16) * hidden**-0.5
+
+    def dense(h: torch.Tensor) -> torch.Tensor:  # [t, H] -> [t, H]: the work between layers
+        return torch.tanh(h @ mix)
+
+    def step(parts: int) -> float:
+        bounds = [tokens * i // parts for i in range(parts + 1)]
+        micro = [(bounds[i], bounds[i + 1]) for i in range(parts) if bounds[i + 1] > bounds[i]]
+        h = [dense(x[a:b]) for a, b in micro]
+        sync(device)
+        start = time.perf_counter()
+        handles = [
+            backend.dispatch(0, h[i], ids[a:b], weights[a:b]) for i, (a, b) in enumerate(micro)
+        ]
+        for layer in range(layers):
+            for i, (a, b) in enumerate(micro):  # ping-pong: one combines while others fly
+                h[i] = dense(h[i] + backend.combine(handles[i]).to(h[i].dtype))
+                if layer + 1 < layers:
+                    handles[i] = backend.dispatch(0, h[i], ids[a:b], weights[a:b])
+        sync(device)
+        return time.perf_counter() - start
+
+    rows = []
+    for parts in [1, *splits]:
+        if parts > tokens:
+            continue
+        for _ in range(2):
+            step(parts)
+        ms = statistics.median(step(parts) for _ in range(iters)) * 1e3
+        rows.append({"workers": active, "tokens": tokens, "micro_batches": parts, "ms": ms})
+    for row in rows:
+        row["vs_unsplit"] = row["ms"] / rows[0]["ms"]
+    return rows
+
+
+def print_pingpong(title: str, rows: list[dict]) -> None:
+    print(f"\n{title}")
+    print("| workers | tokens | forwarders | micro-batches | ms/step | vs unsplit |")
+    print("|" + " --- |" * 6)
+    for r in rows:
+        print(
+            f"| {r['workers']} | {r['tokens']} | {r.get('forwarders', 0)} | "
+            f"{r['micro_batches']} | {r['ms']:.1f} | {r['vs_unsplit']:.2f} |"
+        )
 
 
 def sync(device: str) -> None:
@@ -333,12 +397,14 @@ def main() -> None:
     )
     parser.add_argument("--forwarders", type=ints, default=[0])
     parser.add_argument("--fronts", type=ints, default=[0], help="front processes per worker")
+    parser.add_argument("--micro-batches", type=ints, default=[], help="ping-pong splits")
+    parser.add_argument("--step-layers", type=int, default=11, help="MoE layers per step")
     parser.add_argument("--label", default="", help="printed in the table titles")
     parser.add_argument("--json", type=Path, default=None, help="also write every row here")
     args = parser.parse_args()
     apply_cpu_threads(args.device)  # as a router process on this device does
 
-    results, tables = [], []
+    results, tables, pingpong_tables = [], [], []
     log_dir = Path(tempfile.mkdtemp(prefix="transport-logs-"))
     count = max(args.workers)
     for hidden in args.hidden:
@@ -373,6 +439,26 @@ def main() -> None:
                 title = f"{args.label} {precision} tokens, hidden {hidden}, {fronts} fronts/worker"
                 tables.append((title.strip(), rows))
                 results += rows
+                if args.micro_batches:
+                    steps = []
+                    for active, tokens in itertools.product(args.workers, args.tokens):
+                        for n, backend in backends.items():
+                            for row in run_pingpong(
+                                backend,
+                                active,
+                                tokens,
+                                hidden,
+                                args.micro_batches,
+                                args.step_layers,
+                                args.iters,
+                                args.device,
+                            ):
+                                steps.append({**row, "precision": precision, "forwarders": n})
+                                print(json.dumps(steps[-1]), flush=True)
+                    title = f"{args.label} steps of {args.step_layers} MoE layers, {precision}, "
+                    title += f"hidden {hidden}, {fronts} fronts/worker"
+                    pingpong_tables.append((title.strip(), steps))
+                    results += steps
                 if args.sweep_mib and router.has_message_cap and hidden == max(args.hidden):
                     sweep = []
                     active = min(4, count)
@@ -401,6 +487,8 @@ def main() -> None:
         args.json.write_text(json.dumps(results, indent=1))
     for title, rows, *key in tables:
         print_table(title, rows, *key)
+    for title, rows in pingpong_tables:
+        print_pingpong(title, rows)
     print("\ncommand: python bench/transport.py " + shlex.join(sys.argv[1:]))
 
 
