@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
+import queue
 import shlex
 import sys
 import time
@@ -103,7 +104,10 @@ def measure(name: str, servers: int, args) -> float:
     for proc in procs:
         proc.start()
     try:
-        bound = [ports.get(timeout=60) for _ in procs]
+        try:
+            bound = [ports.get(timeout=60) for _ in procs]
+        except queue.Empty:
+            raise RuntimeError(f"a server did not start within 60 s (set {name})") from None
         return asyncio.run(_client(bound, options, args, request_bytes))
     finally:
         for proc in procs:

@@ -71,6 +71,7 @@ from moe_core.spec import ModelSpec  # noqa: E402
 from router.dispatch import RemoteExpertBackend  # noqa: E402
 from router.forwarders import ForwarderPool  # noqa: E402
 from router.metrics import RouterMetrics  # noqa: E402
+from router.overlap import split_evenly  # noqa: E402
 from router.workers import CHANNEL_OPTIONS, PoolConfig, WorkerPool  # noqa: E402
 
 EXPERTS_PER_WORKER = 8
@@ -319,8 +320,9 @@ def run_pingpong(backend, active, tokens, hidden, splits, layers, iters, device)
         return torch.tanh(h @ mix)
 
     def step(parts: int) -> float:
-        bounds = [tokens * i // parts for i in range(parts + 1)]
-        micro = [(bounds[i], bounds[i + 1]) for i in range(parts) if bounds[i + 1] > bounds[i]]
+        lengths = split_evenly([1] * tokens, parts)  # each token a decoding sequence, as the router
+        ends = list(itertools.accumulate(lengths))
+        micro = list(zip([0, *ends[:-1]], ends, strict=True))  # [(first row, end row)]
         h = [dense(x[a:b]) for a, b in micro]
         sync(device)
         start = time.perf_counter()
