@@ -3,7 +3,7 @@
     python bench/transport.py [--workers 1,2,4,8] [--tokens 256,1024,4096] [--hidden 2048,7168]
                               [--precisions fp8,bf16] [--iters 8] [--device cuda]
                               [--max-message-mib 8] [--sweep-mib 2,4,8,16,64] [--model-root DIR]
-                              [--forwarders 0,4] [--fronts 0,2]
+                              [--forwarders 0,4] [--native 1,2] [--fronts 0,2]
                               [--micro-batches 2,4] [--step-layers 11]
 
 Real expert worker processes (the most --workers of them, each holding 8 of 64 experts of a
@@ -24,7 +24,9 @@ combines the results, with the device synchronized around it. Reported per confi
                cores = their total / rtt, how many of the host's cores the layer kept busy
 
 --forwarders runs every configuration once per number of forwarder processes (0: the calls go
-out on the router's event loop; N: `router.forwarders.ForwarderPool` with N processes); --fronts
+out on the router's event loop; N: `router.forwarders.ForwarderPool` with N processes), --native
+once more per number of connections per worker (`router.native_transport.NativeTransport`, the
+gRPC C++ client; needs `python -m router.native.build`); the "sender" column names which. --fronts
 starts the workers once per number of front processes each (`expert_worker serve --fronts`).
 
 --micro-batches also times decode-like steps per workers x tokens: --step-layers MoE layers
@@ -209,16 +211,27 @@ class Router:
         self.has_message_cap = (
             "max_message_bytes" in inspect.signature(RemoteExpertBackend).parameters
         )
-        self.forwarders: list[ForwarderPool] = []
+        self.forwarders: list = []  # ForwarderPool and NativeTransport senders, closed at the end
         self.backend = self.make_backend(max_message_mib)
 
     def make_backend(
-        self, max_message_mib: float | None, forwarders: int = 0, device: str = "cpu"
+        self,
+        max_message_mib: float | None,
+        forwarders: int = 0,
+        device: str = "cpu",
+        native_connections: int = 0,
     ) -> RemoteExpertBackend:
         extra = {}
         if self.has_message_cap and max_message_mib:
             extra["max_message_bytes"] = int(max_message_mib * (1 << 20))
-        if forwarders:
+        if native_connections:
+            from router.native_transport import NativeTransport
+
+            pin = device.startswith("cuda")
+            transport = NativeTransport(None, None, pin, self.metrics, native_connections)
+            self.forwarders.append(transport)
+            extra["transport"] = transport
+        elif forwarders:
             pin = device.startswith("cuda")
             pool = ForwarderPool(forwarders, None, None, CHANNEL_OPTIONS, pin, self.metrics)
             self.forwarders.append(pool)
@@ -352,11 +365,11 @@ def run_pingpong(backend, active, tokens, hidden, splits, layers, iters, device)
 
 def print_pingpong(title: str, rows: list[dict]) -> None:
     print(f"\n{title}")
-    print("| workers | tokens | forwarders | micro-batches | ms/step | vs unsplit |")
+    print("| workers | tokens | sender | micro-batches | ms/step | vs unsplit |")
     print("|" + " --- |" * 6)
     for r in rows:
         print(
-            f"| {r['workers']} | {r['tokens']} | {r.get('forwarders', 0)} | "
+            f"| {r['workers']} | {r['tokens']} | {r['sender']} | "
             f"{r['micro_batches']} | {r['ms']:.1f} | {r['vs_unsplit']:.2f} |"
         )
 
@@ -370,14 +383,14 @@ def print_table(title: str, rows: list[dict], key: str = "workers") -> None:
     print(f"\n{title}")
     cpu = " | ".join(f"CPU ms {role}" for role in ROLES)
     print(
-        f"| {key} | tokens | forwarders | MB/layer | rtt ms | compute ms | wire ms | GB/s | {cpu} "
+        f"| {key} | tokens | sender | MB/layer | rtt ms | compute ms | wire ms | GB/s | {cpu} "
         "| cores |"
     )
     print("|" + " --- |" * (9 + len(ROLES)))
     for r in rows:
         cpu = " | ".join(f"{r['cpu_ms'][role]:.0f}" for role in ROLES)
         print(
-            f"| {r[key]} | {r['tokens']} | {r.get('forwarders', 0)} | {r['mb_per_layer']:.1f} | "
+            f"| {r[key]} | {r['tokens']} | {r.get('sender', 'loop')} | {r['mb_per_layer']:.1f} | "
             f"{r['rtt_ms']:.2f} | {r['compute_ms']:.2f} | {r['wire_ms']:.2f} | "
             f"{r['gb_per_s']:.2f} | {cpu} | {r['cores']:.1f} |"
         )
@@ -398,6 +411,9 @@ def main() -> None:
         "--model-root", type=Path, default=Path(tempfile.gettempdir()) / "moe-bench"
     )
     parser.add_argument("--forwarders", type=ints, default=[0])
+    parser.add_argument(
+        "--native", type=ints, default=[], help="native transport, connections per worker"
+    )
     parser.add_argument("--fronts", type=ints, default=[0], help="front processes per worker")
     parser.add_argument("--micro-batches", type=ints, default=[], help="ping-pong splits")
     parser.add_argument("--step-layers", type=int, default=11, help="MoE layers per step")
@@ -417,9 +433,15 @@ def main() -> None:
             try:
                 router = Router(model, workers.addresses, precision, args.max_message_mib)
                 backends = {
-                    n: router.make_backend(args.max_message_mib, n, args.device)
+                    "loop" if n == 0 else f"{n} forwarders": router.make_backend(
+                        args.max_message_mib, n, args.device
+                    )
                     for n in args.forwarders
                 }
+                for k in args.native:
+                    backends[f"native x{k}"] = router.make_backend(
+                        args.max_message_mib, device=args.device, native_connections=k
+                    )
                 rows = []
                 for active in args.workers:
                     for tokens in args.tokens:
@@ -435,7 +457,7 @@ def main() -> None:
                                 args.device,
                             )
                             rows.append(
-                                {**row, "precision": precision, "forwarders": n, "fronts": fronts}
+                                {**row, "precision": precision, "sender": n, "fronts": fronts}
                             )
                             print(json.dumps(rows[-1]), flush=True)
                 title = f"{args.label} {precision} tokens, hidden {hidden}, {fronts} fronts/worker"
@@ -455,7 +477,7 @@ def main() -> None:
                                 args.iters,
                                 args.device,
                             ):
-                                steps.append({**row, "precision": precision, "forwarders": n})
+                                steps.append({**row, "precision": precision, "sender": n})
                                 print(json.dumps(steps[-1]), flush=True)
                     title = f"{args.label} steps of {args.step_layers} MoE layers, {precision}, "
                     title += f"hidden {hidden}, {fronts} fronts/worker"

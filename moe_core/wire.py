@@ -82,7 +82,13 @@ def _embed(field: int, parts: list[Buffer]) -> list[Buffer]:
     return [_len_prefix(field, sum(_nbytes(p) for p in parts)), *parts]
 
 
-def encode_forward_request(
+def encode_forward_request(**fields) -> bytes:
+    """A serialized ExpertForwardRequest of `forward_request_parts`'s keyword fields: one join,
+    which copies each buffer once."""
+    return b"".join(forward_request_parts(**fields))
+
+
+def forward_request_parts(
     layer: int,
     token_format: int,
     num_tokens: int,
@@ -93,9 +99,10 @@ def encode_forward_request(
     expert_ids: Buffer,
     expert_weights: Buffer,
     result_format: int,
-) -> bytes:
-    """A serialized ExpertForwardRequest; data/scales/ids/weights are raw little-endian tensor
-    memory in the proto's layouts (see token_format). Copies each buffer once."""
+) -> list[Buffer]:
+    """A serialized ExpertForwardRequest as the buffers to send in order (empty ones left out):
+    small headers, and the tensors' memory uncopied. data/scales/ids/weights are raw
+    little-endian tensor memory in the proto's layouts (see token_format)."""
     parts = [_scalar(1, layer)]
     parts += _embed(2, _token_batch_parts(token_format, num_tokens, hidden, data, scales))
     parts.append(_scalar(3, slots))
@@ -103,7 +110,7 @@ def encode_forward_request(
         if _nbytes(buf):
             parts += [_len_prefix(field, _nbytes(buf)), buf]
     parts.append(_scalar(6, result_format))
-    return b"".join(parts)
+    return [p for p in parts if _nbytes(p)]
 
 
 def encode_forward_response(

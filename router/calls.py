@@ -2,9 +2,10 @@
 
 A `ForwardCall` is one request to one worker: some of a layer's token rows (already on the
 host) with their routing slots. Its future ends with the worker's answer read in place
-(`wire.ForwardResponseView`) or with the failure. Two transports send calls:
-`LoopTransport` (here: the router's own event loop and channels) and, with `--forwarders N`,
-`router.forwarders.ForwarderPool` (other processes).
+(`wire.ForwardResponseView`) or with the failure. Three transports send calls:
+`LoopTransport` (here: the router's own event loop and channels), with `--forwarders N`
+`router.forwarders.ForwarderPool` (other processes), and with `--transport native`
+`router.native_transport.NativeTransport` (gRPC C++ threads).
 """
 
 from __future__ import annotations
@@ -55,7 +56,11 @@ class Request:
         }
 
     def encode(self) -> bytes:
-        return wire.encode_forward_request(
+        return b"".join(self.parts())
+
+    def parts(self) -> list[wire.Buffer]:
+        """The serialized request as buffers in order, the rows' host memory uncopied."""
+        return wire.forward_request_parts(
             **self.header(),
             data=host_view(self.data),
             scales=None if self.scales is None else host_view(self.scales),

@@ -17,6 +17,9 @@ if TYPE_CHECKING:  # the kubernetes package loads only with kubernetes discovery
     from router.discovery import KubernetesDiscoveryConfig
 
 
+TRANSPORTS = ("loop", "native")  # RouterConfig.transport
+
+
 class ExpertLossPolicy(enum.Enum):
     """What the router does when no live worker holds an expert that tokens chose."""
 
@@ -75,6 +78,13 @@ class RouterConfig:
     micro_batches: int | None = 1
     # decode steps from CUDA graphs on a GPU (router.decode_graphs); unsplit steps only
     cuda_graphs: bool = True
+    # what sends the calls to the workers: "loop", the router's event loop (with forwarder
+    # processes for large layers when forwarders > 0), or "native", gRPC C++ threads reading
+    # and writing pinned host memory (router.native_transport; needs the library built)
+    transport: str = "loop"
+    # with the native transport: connections (channels) to each worker, which its calls take in
+    # turn
+    worker_connections: int = 1
     # processes that send the calls to the workers (router.forwarders); 0 = the router's own
     # event loop
     forwarders: int = 0
@@ -137,6 +147,12 @@ class RouterConfig:
         self.on_expert_loss = ExpertLossPolicy(self.on_expert_loss)
         if self.micro_batches is not None and not 1 <= self.micro_batches <= 8:
             raise ValueError(f"micro_batches must be in 1-8, got {self.micro_batches}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
+        if self.transport == "native" and self.forwarders:
+            raise ValueError("forwarders send the event loop's calls: they need transport 'loop'")
+        if not 1 <= self.worker_connections <= 64:
+            raise ValueError(f"worker_connections must be in 1-64, got {self.worker_connections}")
         if not 0 <= self.forwarders <= 64:
             raise ValueError(f"forwarders must be in 0-64, got {self.forwarders}")
         if self.forwarder_min_bytes < 0:

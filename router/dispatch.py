@@ -6,8 +6,9 @@ T_w = tokens sent to worker w (each once), S_w = slots per token at w (its most 
 `dispatch` runs on the model's thread: it asks the pool which replica serves each expert, plans
 once per layer, stages each worker's rows on the host and submits every worker's Forward call at
 once to a transport (router.calls): the router's event loop, or for layers of at least
-`forwarded_min_bytes`, forwarder processes (router.forwarders). The model computes its shared
-experts meanwhile; `combine` then waits for the calls and adds each worker's rows back.
+`forwarded_min_bytes`, forwarder processes (router.forwarders), or for every layer the native
+gRPC client (router.native_transport). The model computes its shared experts meanwhile;
+`combine` then waits for the calls and adds each worker's rows back.
 
 Wire path (no needless copies): the layer's tokens are converted to the wire format once on their
 device, every worker's rows are gathered there into one buffer and copied to pinned host memory
@@ -40,10 +41,11 @@ import torch
 from moe_core import token_format, wire
 from moe_core.fp8 import num_blocks, quantize_tokens
 from moe_core.precision import Precision
+from router.arena_calls import CallError
 from router.calls import ForwardCall, LoopTransport, Request, Transport
 from router.config import ExpertLossPolicy
 from router.expert_backend import ExpertsUnavailableError
-from router.forwarders import ForwarderCallError, ForwarderPool
+from router.forwarders import ForwarderPool
 from router.metrics import RouterMetrics
 from router.profiler import StepProfiler, timed
 from router.workers import Route, Worker, WorkerPool
@@ -179,6 +181,12 @@ class WireTokens:
         synchronization; tokens on the host (a CPU router, or staged): one gather there.
         out: host tensors of those shapes to write them into (pinned ones when the tokens are
         on a GPU)."""
+        on_host = self.data.device.type == "cpu"
+        if out is not None and on_host:  # gathered straight into out: one copy
+            torch.index_select(self.data, 0, index, out=out[0])
+            if self.scales is not None:
+                torch.index_select(self.scales, 0, index, out=out[1])
+            return out
         data = self.data.index_select(0, index)
         scales = None if self.scales is None else self.scales.index_select(0, index)
         if out is not None:
@@ -186,10 +194,10 @@ class WireTokens:
             if scales is not None:
                 out[1].copy_(scales, non_blocking=True)
             data, scales = out
-        elif self.data.device.type != "cpu":
+        elif not on_host:
             data = _to_pinned(data)
             scales = None if scales is None else _to_pinned(scales)
-        if self.data.device.type != "cpu":
+        if not on_host:
             torch.cuda.current_stream(self.data.device).synchronize()
         return data, scales
 
@@ -254,12 +262,14 @@ class RemoteExpertBackend:
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         forwarders: ForwarderPool | None = None,
         forwarded_min_bytes: int = FORWARDED_MIN_BYTES,
+        transport: Transport | None = None,
     ) -> None:
         if max_message_bytes < 1:
             raise ValueError(f"max_message_bytes must be positive, got {max_message_bytes}")
         self.workers = workers
         # calls go on the router's event loop, or (large layers) through forwarder processes
         self.loop_transport = LoopTransport(loop, metrics)
+        self.transport = transport  # every layer's calls, when given (the native client)
         self.forwarders = forwarders
         self.forwarded_min_bytes = forwarded_min_bytes
         self.precision = Precision(precision)
@@ -413,6 +423,8 @@ class RemoteExpertBackend:
         transport.submit(handle, calls, self.timeout_s)
 
     def _transport(self, staged_bytes: int) -> Transport:
+        if self.transport is not None:
+            return self.transport
         if self.forwarders is not None and staged_bytes >= self.forwarded_min_bytes:
             return self.forwarders
         return self.loop_transport
@@ -475,7 +487,7 @@ class RemoteExpertBackend:
             rows = self._checked_rows(reply.result, call, handle.x.shape[1])
         except grpc.aio.AioRpcError as err:
             raise ExpertWorkerError(address, layer, err.code(), err.details() or "") from err
-        except ForwarderCallError as err:
+        except CallError as err:
             raise ExpertWorkerError(address, layer, err.code, err.details, err.local) from err
         except grpc.aio.UsageError as err:  # it left the pool: its channel closed
             raise ExpertWorkerError(

@@ -20,13 +20,11 @@ per process settles the calls' futures.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import itertools
 import logging
 import subprocess
 import threading
-import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -36,24 +34,14 @@ import torch
 from moe_core import ipc, wire
 from moe_core.host_arena import Block, HostArena, Segment
 from moe_core.security import Security
+from router.arena_calls import ArenaHolds, ArenaTransport, CallError, settle
 
 if TYPE_CHECKING:
     from router.calls import ForwardCall
-    from router.dispatch import DispatchHandle, WireTokens
+    from router.dispatch import DispatchHandle
     from router.metrics import RouterMetrics
 
 log = logging.getLogger(__name__)
-
-
-class ForwarderCallError(Exception):
-    """A call through a forwarder failed: the gRPC status it ended with. local: the forwarder
-    failed, not the worker (its process died), so the worker stays in routing."""
-
-    def __init__(self, code: grpc.StatusCode, details: str, local: bool = False) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self.code = code
-        self.details = details
-        self.local = local
 
 
 @dataclass(eq=False)
@@ -139,10 +127,8 @@ class _Process:
         self.fds.close()
 
 
-class ForwarderPool:
+class ForwarderPool(ArenaTransport):
     """N forwarder processes and the arena they share with the router: a `Transport`."""
-
-    results_held = True  # result rows stay in the arena until `finish`
 
     def __init__(
         self,
@@ -161,6 +147,7 @@ class ForwarderPool:
         self.metrics = metrics
         self.closing = False
         self.arena = HostArena(pin=pin, on_new_segment=self._share)
+        self.holds = ArenaHolds(self.arena)
         self._lock = threading.Lock()
         self._processes: list[_Process | None] = [None] * processes
         self._turns: dict[str, int] = {}  # worker address -> the process its next call takes
@@ -170,30 +157,12 @@ class ForwarderPool:
 
     # -- the model's thread ------------------------------------------------------------------
 
-    def stage(
-        self, tokens: WireTokens, index: torch.Tensor, handle: DispatchHandle
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """WireTokens.stage into the arena: (data [N, d], scales [N, s] or None), uint8."""
-        n, d = index.numel(), tokens.data.shape[1]
-        s = 0 if tokens.scales is None else tokens.scales.shape[1]
-        block = self.arena.alloc(n * (d + s))
-        self._hold_for(handle, block)
-        raw = block.tensor()
-        data = raw[: n * d].view(n, d)
-        scales = None if tokens.scales is None else raw[n * d : n * (d + s)].view(n, s)
-        tokens.stage(index, out=(data, scales))
-        return data, scales
-
     def submit(self, handle: DispatchHandle, calls: list[ForwardCall], timeout_s: float) -> None:
         for call in calls:
             if not call.future.set_running_or_notify_cancel():
                 continue
             request = call.request
-            reply_bytes = request.num_tokens * request.hidden * request.result_itemsize
-            reply = self.arena.alloc(reply_bytes, holders=2)  # the call's answer, the handle
-            self._hold_for(handle, reply)
-            source = self._block_of(handle, request.data)
-            self.arena.hold(source)
+            source, reply = self.holds.call_blocks(handle, request)
             pending = _Pending(call, source, reply)
             process_index = self._next_process(call.worker.address)
             message = (
@@ -218,14 +187,6 @@ class ForwarderPool:
             for call_id in ids:
                 process.send(("cancel", call_id))
 
-    def finish(self, handle: DispatchHandle) -> None:
-        """The handle is done: its blocks return once the device has read them."""
-        event = None
-        if self.arena.pin:
-            event = torch.cuda.Event()
-            event.record()
-        _release_all(self.arena, handle.host_blocks, event)
-
     def forget(self, address: str, grace_s: float) -> None:
         """The worker left: every process closes its channel to it (after grace_s for the calls
         already on their way)."""
@@ -245,13 +206,6 @@ class ForwarderPool:
         self.arena.close()
 
     # -- internals ---------------------------------------------------------------------------
-
-    def _hold_for(self, handle: DispatchHandle, block: Block) -> None:
-        """The handle holds the block until `finish`, or until it is dropped without one (a
-        step that failed between dispatch and combine): its blocks return then."""
-        if not handle.host_blocks:
-            weakref.finalize(handle, _release_all, self.arena, handle.host_blocks)
-        handle.host_blocks.append(block)
 
     def _send_call(self, process_index: int, pending: _Pending, message: tuple) -> None:
         for _ in range(2):  # a dead process is started again once
@@ -300,14 +254,6 @@ class ForwarderPool:
         segment, offset = self.arena.locate(t)
         return segment, offset, t.numel() * t.element_size()
 
-    def _block_of(self, handle: DispatchHandle, t: torch.Tensor) -> Block:
-        segment, offset = self.arena.locate(t)
-        for block in handle.host_blocks:
-            inside = block.offset <= offset < block.offset + block.nbytes
-            if block.segment.index == segment and inside:
-                return block
-        raise ValueError("the request's rows were not staged for this handle")
-
     def _settle(self, process: _Process, message: tuple) -> None:
         """On a reader thread: one call's answer."""
         kind, call_id = message[0], message[1]
@@ -331,7 +277,7 @@ class ForwarderPool:
             if self.metrics is not None:
                 self.metrics.record_combine(address, received, seconds)
             self._end(pending)
-            _set(pending.call.future, result=view)
+            settle(pending.call.future, result=view)
         else:
             self._fail(pending, grpc.StatusCode[code_name], details)
 
@@ -341,26 +287,8 @@ class ForwarderPool:
         if self.metrics is not None and code is not grpc.StatusCode.CANCELLED and not local:
             self.metrics.record_worker_failure(pending.call.worker.address, code)
         self._end(pending)
-        _set(pending.call.future, error=ForwarderCallError(code, details, local))
+        settle(pending.call.future, error=CallError(code, details, local))
 
     def _end(self, pending: _Pending) -> None:
         self.arena.release(pending.request_block)
         self.arena.release(pending.reply_block)
-
-
-def _release_all(arena: HostArena, blocks: list[Block], event=None) -> None:
-    for block in blocks:
-        arena.release(block, event)
-    blocks.clear()
-
-
-def _set(future: concurrent.futures.Future, result=None, error: Exception | None = None) -> None:
-    if future.done():
-        return
-    try:
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-    except concurrent.futures.InvalidStateError:
-        pass  # cancelled meanwhile

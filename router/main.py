@@ -6,7 +6,7 @@
         [--max-new-tokens 4096] [--max-prompt-len MAX_SEQ_LEN-1]
         [--max-concurrent-requests MAX_BATCH_SIZE] [--max-waiting 256] [--rpc-timeout 10]
         [--startup-timeout 600] [--on-expert-loss fail|degrade] [--dispatch-attempts 3] [--grace 5]
-        [--forwarders 0] [--forwarder-min-mib 8]
+        [--transport loop|native] [--worker-connections 1] [--forwarders 0] [--forwarder-min-mib 8]
         (--tls-cert FILE --tls-key FILE --tls-ca FILE [--worker-tls-server-name NAME] | --insecure)
         [--auth-token-file FILE] [--profile-steps]
     moe-router serve --model DIR --discovery kubernetes --namespace NS --selector LABELS
@@ -133,6 +133,22 @@ def build_parser() -> argparse.ArgumentParser:
         "batch and cache-length bucket on first use (default on)",
     )
     serve.add_argument(
+        "--transport",
+        choices=["loop", "native"],
+        default="loop",
+        help="what sends the calls to the expert workers: loop, the router's event loop "
+        "(default), or native, gRPC C++ threads that send from and receive into pinned host "
+        "memory without the interpreter (needs the native client built: python -m "
+        "router.native.build)",
+    )
+    serve.add_argument(
+        "--worker-connections",
+        type=int,
+        default=1,
+        help="with --transport native: connections to each worker, which its calls take in "
+        "turn (a worker with --fronts takes them on several processes)",
+    )
+    serve.add_argument(
         "--forwarders",
         type=int,
         default=0,
@@ -190,6 +206,8 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         startup_timeout_s=args.startup_timeout,
         on_expert_loss=args.on_expert_loss,
         dispatch_attempts=args.dispatch_attempts,
+        transport=args.transport,
+        worker_connections=args.worker_connections,
         forwarders=args.forwarders,
         forwarder_min_bytes=int(args.forwarder_min_mib * (1 << 20)),
         micro_batches=_micro_batches(args.micro_batches),

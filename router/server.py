@@ -36,6 +36,7 @@ from router.engine import Engine
 from router.forwarders import ForwarderPool
 from router.metrics import RouterMetrics
 from router.model import load_model
+from router.native_transport import NativeTransport
 from router.overlap import OverlapPolicy
 from router.profiler import StepProfiler
 from router.scheduler import Scheduler
@@ -125,6 +126,16 @@ async def build_router(config: RouterConfig, security: Security | None = None) -
                 metrics=metrics,
             )
             workers.attach(forwarders)
+        transport = None
+        if config.transport == "native":
+            transport = NativeTransport(
+                security,
+                config.worker_tls_server_name,
+                pin=torch.device(config.device).type == "cuda",
+                metrics=metrics,
+                connections=config.worker_connections,
+            )
+            workers.attach(transport)
         backend = RemoteExpertBackend(
             workers,
             asyncio.get_running_loop(),
@@ -135,6 +146,7 @@ async def build_router(config: RouterConfig, security: Security | None = None) -
             metrics=metrics,
             forwarders=forwarders,
             forwarded_min_bytes=config.forwarder_min_bytes,
+            transport=transport,
         )
         model = await asyncio.to_thread(
             load_model, config.model_dir, backend, config.device, config.dense_dtype

@@ -157,11 +157,16 @@ def test_a_worker_killed_under_the_forwarders_fails_over_to_its_replica(checkpoi
         _cluster(model_dir, 2, workers=2, replicas=2) as cluster,
         Client(cluster.address, timeout=60) as client,
     ):
-        expected = _generate_all(client)
-        cluster.kill_worker(0)
-        assert _generate_all(client) == expected
-        cluster.restart_worker(0)
-        assert _generate_all(client) == expected
+        check_failover(cluster, client)
+
+
+def check_failover(cluster: LocalCluster, client: Client) -> None:
+    """Worker 0 (which has a replica) killed, then started again: the same tokens throughout."""
+    expected = _generate_all(client)
+    cluster.kill_worker(0)
+    assert _generate_all(client) == expected
+    cluster.restart_worker(0)
+    assert _generate_all(client) == expected
 
 
 def test_the_arena_reuses_a_segment_once_its_blocks_return_and_grows_when_full():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hf_models
 import pytest
 import torch
+from native_lib import require_native
 
 from attention_worker.batch import StepBatch
 from attention_worker.kv_cache import KVCache
@@ -63,13 +64,26 @@ def _in_process_logits(model_dir) -> torch.Tensor:
     return ours(StepBatch.build(seqs, "cuda"), cache).float().cpu()
 
 
-@pytest.mark.parametrize(("forwarders", "fronts"), [(0, 0), (2, 0), (2, 2)])
-def test_fp8_cluster_on_the_gpu_gives_the_in_process_logits(model, forwarders, fronts):
-    """forwarders 2: the rows travel through the pinned arena shared with forwarder processes
-    (device <-> arena by DMA, the arena's blocks reused across layers and steps); fronts 2: on
-    the workers' side too, through the fronts' arenas that the workers pin."""
-    args = ("--max-batch-size", "4", "--max-seq-len", "64", "--forwarders", str(forwarders))
-    args += ("--forwarder-min-mib", "0")
+SENDERS = {  # the router's arguments for each way of sending its calls
+    "loop": (),
+    "forwarders": ("--forwarders", "2", "--forwarder-min-mib", "0"),
+    "native": ("--transport", "native"),
+    "native x2": ("--transport", "native", "--worker-connections", "2"),
+}
+
+
+@pytest.mark.parametrize(
+    ("sender", "fronts"),
+    [("loop", 0), ("forwarders", 0), ("forwarders", 2), ("native", 0), ("native x2", 2)],
+)
+def test_fp8_cluster_on_the_gpu_gives_the_in_process_logits(model, sender, fronts):
+    """forwarders: the rows travel through the pinned arena shared with forwarder processes
+    (device <-> arena by DMA, the arena's blocks reused across layers and steps); native: through
+    the native client's pinned arena, sent and received by gRPC C++; fronts 2: on the workers'
+    side too, through the fronts' arenas that the workers pin."""
+    if sender.startswith("native"):
+        require_native()
+    args = ("--max-batch-size", "4", "--max-seq-len", "64", *SENDERS[sender])
     with (
         LocalCluster(
             model,
